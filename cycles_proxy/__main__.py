@@ -1,0 +1,3 @@
+from cycles_proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,653 @@
+"""The one request path (design §2): accept -> identify -> classify -> parse -> estimate ->
+reserve -> forward and stream -> settle exactly once -> record.
+
+Read :meth:`Proxy.handle` and :meth:`Proxy.metered` top to bottom; everything they call is
+either pure (dialects, pricing, routes) or an edge (authority, upstream, observer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cycles_proxy.authority.base import (
+    DENIAL_CODES,
+    Action,
+    Amount,
+    Authority,
+    AuthorityUnavailable,
+    CyclesError,
+    ErrorCode,
+    Metrics,
+    Reservation,
+    ReserveRequest,
+)
+from cycles_proxy.dialects import ollama as ollama_dialect
+from cycles_proxy.dialects import openai as openai_dialect
+from cycles_proxy.dialects.common import BadRequest, ParsedRequest, Scanner, Usage
+from cycles_proxy.money import format_amount
+from cycles_proxy.observability import Observer, RequestRecord
+from cycles_proxy.pricing import Pricing
+from cycles_proxy.routes import Dialect, Kind, Route, classify
+from cycles_proxy.settings import FailurePolicy, Settings
+from cycles_proxy.tenants import KeyStore, Tenant, extract_key
+from cycles_proxy.upstream import Upstream, relay_passthrough
+
+log = logging.getLogger("cycles_proxy")
+
+#: upstream statuses that mean "refused before doing any work": the reservation is released
+NO_WORK_STATUSES = frozenset({503}) | frozenset(range(400, 500))
+_UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+
+class Reply(Exception):
+    """An early answer in the caller's dialect (auth, parse, denial errors)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        outcome: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.outcome = outcome
+        self.headers = headers or {}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened upstream, gathered while the response streams."""
+
+    sent_ns: int = 0
+    first_byte_ns: int | None = None
+    ended_ns: int = 0
+    status: int | None = None
+    #: the upstream began working on the request (it answered with a non-refusal status)
+    worked: bool = False
+    usage: Usage = field(default_factory=Usage)
+    broke: str | None = None
+    client_gone: bool = False
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        authority: Authority,
+        keys: KeyStore,
+        upstream: Upstream,
+        observer: Observer,
+    ) -> None:
+        self.settings = settings
+        self.authority = authority
+        self.keys = keys
+        self.upstream = upstream
+        self.observer = observer
+        self.pricing = Pricing(settings)
+        self.unit = settings.unit
+        self._background: set[asyncio.Task[Any]] = set()
+        self.inflight = 0
+
+    # ---------------------------------------------------------------------------------------
+    # entry point: every request of the proxy port
+    # ---------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        route = classify(request.path)
+        rec = RequestRecord(request.method, request.path, route.endpoint or str(route.kind))
+        t0 = time.perf_counter_ns()
+        try:
+            if route.kind is Kind.PUBLIC:
+                rec.outcome = "passthrough"
+                return await self._passthrough(request, rec)
+            tenant = self.identify(request, route)
+            rec.tenant, rec.key_id = tenant.name, tenant.key_id
+            if route.kind is Kind.ADMIN_ONLY and not tenant.is_admin:
+                raise Reply(
+                    403,
+                    f"{route_label(request.path)} manages models and needs an admin key; "
+                    f"tenant '{tenant.name}' has a user key",
+                    code="forbidden",
+                    outcome="forbidden",
+                )
+            if route.kind is not Kind.METERED or request.method == "OPTIONS":
+                rec.outcome = "passthrough"
+                return await self._passthrough(request, rec)
+            return await self.metered(request, route, tenant, rec)
+        except Reply as r:
+            rec.status, rec.outcome = r.status, r.outcome
+            rec.error = r.message
+            return error_response(route.dialect, r.status, r.message, r.code, r.headers)
+        finally:
+            rec.duration_ms = (time.perf_counter_ns() - t0) / 1e6
+            self.observer.record(rec)
+
+    def identify(self, request: web.Request, route: Route) -> Tenant:
+        key = extract_key(request.headers)
+        if key is None:
+            anon = self.settings.anonymous_tenant
+            if anon:
+                return self.keys.tenant(anon)
+            if route.kind is Kind.PASS and not self.settings.require_key_for_passthrough:
+                return self.keys.tenant("anonymous")
+            raise Reply(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>' "
+                "(set OLLAMA_API_KEY for the ollama client, api_key= for the OpenAI SDK)",
+                code="missing_api_key",
+                outcome="unauthorized",
+            )
+        tenant = self.keys.lookup(key)
+        if tenant is None:
+            raise Reply(
+                401,
+                "invalid API key: it is unknown or was revoked",
+                code="invalid_api_key",
+                outcome="unauthorized",
+            )
+        return tenant
+
+    async def _passthrough(self, request: web.Request, rec: RequestRecord) -> web.StreamResponse:
+        try:
+            resp = await relay_passthrough(request, self.upstream)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            raise upstream_unreachable(exc) from None
+        rec.status = resp.status
+        return resp
+
+    # ---------------------------------------------------------------------------------------
+    # the metered path
+    # ---------------------------------------------------------------------------------------
+    async def metered(
+        self, request: web.Request, route: Route, tenant: Tenant, rec: RequestRecord
+    ) -> web.StreamResponse:
+        dialect = ollama_dialect if route.dialect is Dialect.OLLAMA else openai_dialect
+        if request.method != "POST":
+            raise Reply(
+                405,
+                f"{request.path} accepts POST only",
+                code="method_not_allowed",
+                outcome="bad_request",
+                headers={"Allow": "POST"},
+            )
+        # 1. accept: the body, bounded
+        raw = await self.read_body(request)
+        # 4. parse what matters for cost
+        try:
+            parsed = dialect.parse_request(route.endpoint, raw)
+        except BadRequest as exc:
+            raise Reply(
+                exc.status, exc.message, code="invalid_request", outcome="bad_request"
+            ) from None
+        rec.model = parsed.model
+        edited = False
+        strip_usage = False
+        if dialect is openai_dialect and openai_dialect.needs_usage_injection(
+            route.endpoint, parsed
+        ):
+            openai_dialect.inject_usage(parsed)
+            edited = strip_usage = True
+        # 5. estimate
+        estimate = self.pricing.estimate(parsed.model, parsed.input_chars, parsed.max_output_tokens)
+        rec.estimate, rec.unit = estimate, str(self.unit)
+        # 6. reserve (a denial answers here: the upstream never sees the request)
+        action = Action(route.action_kind, f"ollama:{parsed.model}")
+        reservation = await self.reserve(tenant, action, estimate, rec)
+        if reservation is not None:
+            rec.reservation_id = reservation.reservation_id
+            if reservation.caps is not None and reservation.caps.max_tokens is not None:
+                cap_output(dialect, route, parsed, reservation.caps.max_tokens)
+                edited = True
+        body = json.dumps(parsed.body).encode() if edited else raw
+        # 7. forward and stream, 8. settle exactly once
+        ex = Exchange()
+        self.inflight += 1
+        try:
+            return await self.forward(
+                request, route, parsed, body, strip_usage, reservation, ex, rec
+            )
+        finally:
+            self.inflight -= 1
+            ex.ended_ns = time.monotonic_ns()
+            settle = asyncio.ensure_future(
+                self.settle(tenant, action, parsed, reservation, estimate, ex, rec)
+            )
+            self._background.add(settle)
+            settle.add_done_callback(self._background.discard)
+            # shielded: a client that hangs up must not cancel the settlement
+            await asyncio.shield(settle)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise body_too_large(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise body_too_large(limit) from None
+
+    async def reserve(
+        self, tenant: Tenant, action: Action, estimate: int, rec: RequestRecord
+    ) -> Reservation | None:
+        """Reserve ``estimate``; None means "run without a reservation" (fail_open, shadow)."""
+        policy = self.settings.failure_policy
+        req = ReserveRequest(
+            idempotency_key=str(uuid.uuid4()),
+            subject=tenant.subject,
+            action=action,
+            estimate=Amount(self.unit, estimate),
+            ttl_ms=self.settings.reservation_ttl_ms,
+            grace_period_ms=self.settings.grace_period_ms,
+            overage_policy=self.settings.overage_policy,
+            dry_run=policy is FailurePolicy.SHADOW,
+        )
+        task = asyncio.ensure_future(self.authority.reserve(req))
+        try:
+            res = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # the caller left while we reserved: give back whatever was granted
+            task.add_done_callback(self._release_orphan)
+            raise
+        except CyclesError as exc:
+            if policy is FailurePolicy.SHADOW:
+                rec.extra["shadow_denial"] = str(exc.code)
+                log.warning("shadow mode: tenant %s would be denied: %s", tenant.name, exc.code)
+                return None
+            raise denial(exc, tenant, estimate, self.unit) from None
+        except AuthorityUnavailable as exc:
+            if policy is FailurePolicy.FAIL_CLOSED:
+                raise Reply(
+                    503,
+                    "the budget authority is unreachable, so the request was not run; "
+                    "retry shortly",
+                    code="budget_authority_unavailable",
+                    outcome="authority_unavailable",
+                    headers={"Retry-After": "5", "x-should-retry": "false"},
+                ) from exc
+            rec.extra["unreserved"] = f"{policy}: {exc}"
+            log.warning("authority unavailable (%s); running unreserved under %s", exc, policy)
+            return None
+        if policy is FailurePolicy.SHADOW:
+            if res.decision == "DENY":
+                rec.extra["shadow_denial"] = res.reason_code
+                log.warning(
+                    "shadow mode: tenant %s would be denied: %s", tenant.name, res.reason_code
+                )
+            return None
+        return res
+
+    def _release_orphan(self, task: asyncio.Task[Reservation]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        res = task.result()
+        if res.reservation_id:
+            self._spawn(
+                self.authority.release(
+                    res.reservation_id, idempotency_key=str(uuid.uuid4()), reason="client_gone"
+                )
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def forward(
+        self,
+        request: web.Request,
+        route: Route,
+        parsed: ParsedRequest,
+        body: bytes,
+        strip_usage: bool,
+        reservation: Reservation | None,
+        ex: Exchange,
+        rec: RequestRecord,
+    ) -> web.StreamResponse:
+        headers = self.upstream.request_headers(
+            request.headers, content_length=len(body), identity=True
+        )
+        ex.sent_ns = time.monotonic_ns()
+        try:
+            cm = self.upstream.open("POST", request.raw_path, headers, body)
+            up = await cm.__aenter__()
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise upstream_unreachable(exc) from None
+        completed = False
+        ex.first_byte_ns = time.monotonic_ns()
+        ex.status = rec.status = up.status
+        ex.worked = up.status not in NO_WORK_STATUSES
+        scanner = make_scanner(route.dialect, up.content_type, strip_usage and ex.worked)
+        try:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            resp.headers.extend(Upstream.response_headers(up, keep_length=not strip_usage))
+            if reservation is not None and reservation.reservation_id:
+                resp.headers["x-cycles-reservation-id"] = reservation.reservation_id
+            resp.headers["x-cycles-estimate"] = str(rec.estimate)
+            try:
+                await resp.prepare(request)
+                try:
+                    async for chunk in up.content.iter_any():
+                        out = scanner.feed(chunk)
+                        if out:
+                            await resp.write(out)
+                    tail = scanner.finish()
+                    if tail:
+                        await resp.write(tail)
+                    completed = True
+                except _UPSTREAM_BROKE as exc:
+                    ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                    scanner.finish()
+                    await resp.write(stream_error_chunk(route.dialect, up.content_type))
+                await resp.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                ex.client_gone = True
+            return resp
+        except asyncio.CancelledError:
+            ex.client_gone = True
+            raise
+        finally:
+            ex.usage = scanner.usage
+            if completed:
+                await cm.__aexit__(None, None, None)
+            else:
+                up.close()  # closing the connection is how Ollama and llama.cpp stop generating
+
+    async def settle(
+        self,
+        tenant: Tenant,
+        action: Action,
+        parsed: ParsedRequest,
+        reservation: Reservation | None,
+        estimate: int,
+        ex: Exchange,
+        rec: RequestRecord,
+    ) -> None:
+        """Commit what was used, or release when no work happened. Runs exactly once."""
+        usage = ex.usage
+        wall_ns = max(0, ex.ended_ns - ex.sent_ns) if ex.sent_ns else 0
+        gpu_ns = self.gpu_ns(usage, wall_ns)
+        tokens_in = usage.tokens_input
+        tokens_out = (
+            usage.tokens_output
+            if usage.tokens_output is not None
+            else (usage.chunks if ex.worked else None)
+        )
+        if ex.client_gone:
+            rec.outcome = rec.outcome or "client_disconnected"
+        if ex.broke:
+            rec.error = f"upstream failed mid-stream: {ex.broke}"
+        if usage.error:
+            rec.error = f"upstream error: {usage.error}"
+        rec.outcome = rec.outcome or ("allowed" if ex.worked else "upstream_refused")
+        rec.gpu_seconds = round(gpu_ns / 1e9, 6)
+        rec.tokens_input, rec.tokens_output = tokens_in, tokens_out
+        if ex.first_byte_ns and ex.sent_ns:
+            rec.ttfb_ms = (ex.first_byte_ns - ex.sent_ns) / 1e6
+        if not ex.worked:
+            if reservation is not None and reservation.reservation_id:
+                await self._release(reservation, "no_upstream_work", rec)
+            else:
+                rec.settlement = "none"
+            return
+        actual = self.pricing.actual(
+            parsed.model,
+            gpu_ns,
+            tokens_in if tokens_in is not None else -(-parsed.input_chars // 4),
+            tokens_out,
+        )
+        metrics = Metrics(
+            tokens_input=tokens_in,
+            tokens_output=tokens_out,
+            latency_ms=wall_ns // 1_000_000,
+            model_version=usage.model_version or parsed.model,
+            custom={"gpu_seconds": round(gpu_ns / 1e9, 6)},
+        )
+        if usage.tokens_output is None and tokens_out is not None:
+            metrics.custom["tokens_output_source"] = "counted"
+        if ex.first_byte_ns and ex.sent_ns:
+            metrics.custom["ttfb_ms"] = (ex.first_byte_ns - ex.sent_ns) // 1_000_000
+        if ex.client_gone or ex.broke or not usage.complete:
+            metrics.custom["partial"] = True
+        rec.charged = actual
+        if reservation is None or not reservation.reservation_id:
+            await self._event(tenant, action, actual, metrics, rec)
+            return
+        await self._commit(tenant, action, reservation, actual, metrics, rec)
+
+    def gpu_ns(self, usage: Usage, wall_ns: int) -> int:
+        mode = self.settings.gpu_time
+        if mode == "wall":
+            return wall_ns
+        if usage.reported_compute_ns is not None:
+            return usage.reported_compute_ns
+        return wall_ns if mode == "auto" else 0
+
+    async def _commit(
+        self,
+        tenant: Tenant,
+        action: Action,
+        reservation: Reservation,
+        actual: int,
+        metrics: Metrics,
+        rec: RequestRecord,
+    ) -> None:
+        assert reservation.reservation_id is not None
+        key = str(uuid.uuid4())
+        try:
+            result = await self.authority.commit(
+                reservation.reservation_id,
+                idempotency_key=key,
+                actual=Amount(self.unit, actual),
+                metrics=metrics,
+            )
+            rec.charged, rec.settlement = result.charged.amount, "committed"
+        except CyclesError as exc:
+            if exc.code is ErrorCode.BUDGET_EXCEEDED and reservation.reserved is not None:
+                # REJECT policy: the commit may not exceed what was reserved. Charge all of the
+                # reservation (the budget's hard limit) and report what went unbilled.
+                capped = reservation.reserved.amount
+                result = await self.authority.commit(
+                    reservation.reservation_id,
+                    idempotency_key=key + ":capped",
+                    actual=Amount(self.unit, capped),
+                    metrics=metrics,
+                )
+                rec.charged, rec.settlement = result.charged.amount, "committed"
+                rec.extra["unbilled"] = actual - capped
+                log.warning(
+                    "tenant %s used %s more than its budget allowed (REJECT policy); unbilled",
+                    tenant.name,
+                    format_amount(actual - capped, str(self.unit)),
+                )
+            elif exc.code is ErrorCode.RESERVATION_EXPIRED:
+                # the lease ran out (e.g. a very long stream): post the spend as an event
+                await self._event(tenant, action, actual, metrics, rec, key=key)
+            else:
+                rec.settlement = f"failed: {exc.code}"
+                log.error("commit of %s failed: %s", reservation.reservation_id, exc)
+        except AuthorityUnavailable as exc:
+            # the remote authority journals undeliverable commits itself
+            rec.settlement = "deferred"
+            log.error("commit of %s deferred: %s", reservation.reservation_id, exc)
+
+    async def _release(self, reservation: Reservation, reason: str, rec: RequestRecord) -> None:
+        assert reservation.reservation_id is not None
+        try:
+            await self.authority.release(
+                reservation.reservation_id, idempotency_key=str(uuid.uuid4()), reason=reason
+            )
+            rec.settlement, rec.charged = "released", 0
+        except (CyclesError, AuthorityUnavailable) as exc:
+            # the reservation expires by TTL and its amount returns then
+            rec.settlement = f"release failed: {exc}"
+            log.warning("release of %s failed: %s", reservation.reservation_id, exc)
+
+    async def _event(
+        self,
+        tenant: Tenant,
+        action: Action,
+        actual: int,
+        metrics: Metrics,
+        rec: RequestRecord,
+        key: str | None = None,
+    ) -> None:
+        try:
+            result = await self.authority.event(
+                idempotency_key=key or str(uuid.uuid4()),
+                subject=tenant.subject,
+                action=action,
+                actual=Amount(self.unit, actual),
+                metrics=metrics,
+            )
+            rec.settlement = "evented"
+            if result.charged is not None:
+                rec.charged = result.charged.amount
+        except (CyclesError, AuthorityUnavailable) as exc:
+            rec.settlement = f"unsettled: {exc}"
+            log.error(
+                "spend of tenant %s (%s) could not be recorded: %s",
+                tenant.name,
+                format_amount(actual, str(self.unit)),
+                exc,
+            )
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+# -------------------------------------------------------------------------------------------
+# pure helpers: scanners, edits and error bodies
+# -------------------------------------------------------------------------------------------
+def make_scanner(dialect: Dialect, content_type: str, strip_usage: bool) -> Scanner:
+    if content_type == "text/event-stream":
+        return openai_dialect.SseScanner(strip_usage)
+    if content_type == "application/x-ndjson":
+        return ollama_dialect.NdjsonScanner()
+    if dialect is Dialect.OPENAI:
+        return openai_dialect.OpenAIJsonScanner()
+    return ollama_dialect.JsonScanner()
+
+
+def cap_output(dialect: ModuleType, route: Route, parsed: ParsedRequest, max_tokens: int) -> None:
+    if dialect is ollama_dialect:
+        ollama_dialect.set_output_cap(parsed, max_tokens)
+    else:
+        openai_dialect.set_output_cap(route.endpoint, parsed, max_tokens)
+
+
+def error_response(
+    dialect: Dialect, status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    if dialect is Dialect.OPENAI:
+        etype = {
+            401: "authentication_error",
+            403: "permission_error",
+            429: "budget_exceeded",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            503: "service_unavailable",
+        }.get(status, "invalid_request_error")
+        if status >= 500 and status != 503:
+            etype = "api_error"
+        body: dict[str, Any] = openai_dialect.error_body(message, code, etype)
+    else:
+        body = ollama_dialect.error_body(message)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def stream_error_chunk(dialect: Dialect, content_type: str) -> bytes:
+    """The error a client sees when the upstream breaks after the response began."""
+    msg = "upstream connection failed mid-response; the output is incomplete"
+    if content_type == "text/event-stream":
+        return (
+            b"data: "
+            + json.dumps(openai_dialect.error_body(msg, "upstream_error", "api_error")).encode()
+            + b"\n\n"
+        )
+    if content_type == "application/x-ndjson":
+        return json.dumps({"error": msg}).encode() + b"\n"
+    return b""
+
+
+def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
+    if exc.code in DENIAL_CODES:
+        reasons = {
+            ErrorCode.BUDGET_EXCEEDED: "its remaining budget cannot cover this request",
+            ErrorCode.OVERDRAFT_LIMIT_EXCEEDED: "its budget is over its limit",
+            ErrorCode.DEBT_OUTSTANDING: "its budget has outstanding debt",
+            ErrorCode.BUDGET_FROZEN: "its budget is frozen",
+            ErrorCode.BUDGET_CLOSED: "its budget is closed",
+            ErrorCode.TENANT_CLOSED: "the tenant is closed",
+        }
+        headers = {"x-should-retry": "false"}
+        msg = (
+            f"budget exceeded for tenant '{tenant.name}': {reasons[exc.code]} "
+            f"(estimated cost {format_amount(estimate, str(unit))})"
+        )
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, exc.retry_after_s))
+            msg += f"; the budget refills in {exc.retry_after_s} s"
+        return Reply(429, msg, code="budget_exceeded", outcome="denied", headers=headers)
+    if exc.code is ErrorCode.NOT_FOUND:
+        return Reply(
+            403,
+            f"tenant '{tenant.name}' has no budget; an operator can create one with "
+            f"`cycles-proxy budgets set {tenant.name} <amount>`",
+            code="no_budget",
+            outcome="denied",
+            headers={"x-should-retry": "false"},
+        )
+    if exc.code is ErrorCode.UNIT_MISMATCH:
+        return Reply(
+            403,
+            f"tenant '{tenant.name}' has a budget in another unit than the proxy's prices "
+            f"({unit}); an operator must align them",
+            code="unit_mismatch",
+            outcome="denied",
+            headers={"x-should-retry": "false"},
+        )
+    return Reply(
+        503 if exc.http_status >= 500 else 403,
+        f"the budget authority refused the request: {exc.message}",
+        code=str(exc.code).lower(),
+        outcome="denied",
+        headers={"x-should-retry": "false"},
+    )
+
+
+def body_too_large(limit: int) -> Reply:
+    return Reply(
+        413,
+        f"request body is larger than the proxy's limit of {limit} bytes (setting max_body_bytes)",
+        code="request_too_large",
+        outcome="bad_request",
+    )
+
+
+def upstream_unreachable(exc: BaseException) -> Reply:
+    return Reply(
+        502,
+        f"the model server is unreachable ({type(exc).__name__}); nothing was charged",
+        code="upstream_unreachable",
+        outcome="upstream_unreachable",
+    )
+
+
+def route_label(path: str) -> str:
+    return path if len(path) <= 64 else path[:61] + "..."

@@ -1,0 +1,75 @@
+"""What the proxy tells operators: one JSON access-log line per request (and, later, metrics).
+
+Keys never reach this module: records carry tenant names and key ids only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("cycles_proxy")
+_access = logging.getLogger("cycles_proxy.access")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything known about one request when it ends."""
+
+    method: str
+    path: str
+    route: str
+    tenant: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    status: int = 0
+    #: allowed | denied | error | passthrough | unauthorized | forbidden | bad_request | ...
+    outcome: str = ""
+    reservation_id: str | None = None
+    estimate: int | None = None
+    charged: int | None = None
+    unit: str | None = None
+    #: committed | released | evented | journaled | none
+    settlement: str | None = None
+    gpu_seconds: float | None = None
+    tokens_input: int | None = None
+    tokens_output: int | None = None
+    ttfb_ms: float | None = None
+    duration_ms: float = 0.0
+    denial_reason: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Observer:
+    """Receives every finished request. Subclass or extend to add metrics exporters."""
+
+    def __init__(self, access_log: bool = True) -> None:
+        self.access_log = access_log
+        self.listeners: list[Any] = []
+
+    def record(self, rec: RequestRecord) -> None:
+        for listener in self.listeners:
+            try:
+                listener(rec)
+            except Exception:  # an exporter bug must never break a request
+                log.exception("request listener failed")
+        if self.access_log:
+            d = {k: v for k, v in asdict(rec).items() if v is not None and v != {}}
+            d["ts"] = round(time.time(), 3)
+            _access.info(json.dumps(d, separators=(",", ":"), default=str))
+
+
+def configure_logging(level: str = "INFO") -> None:
+    root = logging.getLogger("cycles_proxy")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
