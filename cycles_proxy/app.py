@@ -27,10 +27,10 @@ def build_authority(settings: Settings) -> Authority:
 
         journal_dir = settings.journal_dir or settings.db.parent / "journal"
         return RemoteAuthority.from_settings(settings, journal_dir=journal_dir)
-    from cycles_proxy.authority.embedded import EmbeddedAuthority, Ledger
+    from cycles_proxy.authority.embedded import EmbeddedAuthority
 
     settings.db.parent.mkdir(parents=True, exist_ok=True)
-    return EmbeddedAuthority(Ledger(settings.db, synchronous=settings.db_synchronous))
+    return EmbeddedAuthority(settings.db, synchronous=settings.db_synchronous)
 
 
 def create_app(settings: Settings, *, authority: Authority | None = None) -> web.Application:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import asdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -200,9 +201,10 @@ def cmd_budgets(args: argparse.Namespace, settings: Settings) -> int:
             overdraft = parse_amount(args.overdraft)
             period = None if args.period == "none" else args.period
             ledger.set_budget(scope, unit, amount, period=period, overdraft_limit=overdraft)
-            bal = ledger.get_balance(scope, unit)
+            record = ledger.get_budget(scope, unit)
+            bal = record.balance
             if args.json:
-                print(json.dumps(_balance_row(bal), indent=2))
+                print(json.dumps(_budget_row(record), indent=2))
             else:
                 print(
                     f"{scope}: {format_amount(amount, unit)} ({unit})"
@@ -211,7 +213,7 @@ def cmd_budgets(args: argparse.Namespace, settings: Settings) -> int:
                 )
         else:
             prefix = f"tenant:{args.tenant.lower()}" if args.tenant else None
-            rows = [_balance_row(b) for b in ledger.list_balances(prefix)]
+            rows = [_budget_row(r) for r in ledger.list_budgets(prefix)]
             if args.tenant and not rows:
                 raise CliError(
                     f"tenant '{args.tenant}' has no budget; "
@@ -247,7 +249,8 @@ def cmd_budgets(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _balance_row(b: Any) -> dict[str, Any]:
+def _budget_row(r: Any) -> dict[str, Any]:
+    b = r.balance
     return {
         "scope": b.scope,
         "unit": str(b.unit),
@@ -258,7 +261,8 @@ def _balance_row(b: Any) -> dict[str, Any]:
         "remaining": b.remaining,
         "overdraft_limit": b.overdraft_limit,
         "is_over_limit": b.is_over_limit,
-        "period": getattr(b, "period", None),
+        "status": r.status,
+        "period": r.period,
         "period_ends": _iso(b.period_ends_at_ms),
     }
 

@@ -84,6 +84,32 @@ class Exchange:
     client_gone: bool = False
 
 
+@dataclass(slots=True)
+class Metered:
+    """One metered request in flight: who pays, what was reserved, what happened."""
+
+    tenant: Tenant
+    action: Action
+    parsed: ParsedRequest
+    reservation: Reservation | None
+    rec: RequestRecord
+    strip_usage: bool
+    ex: Exchange = field(default_factory=Exchange)
+    settling: asyncio.Task[None] | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.settling is not None
+
+
+def buffered(up: aiohttp.ClientResponse) -> bool:
+    """Is this a one-object JSON answer small enough to hold until it is settled?"""
+    if up.content_type in ("text/event-stream", "application/x-ndjson"):
+        return False
+    length = up.content_length
+    return length is not None and length <= ollama_dialect.JSON_SCAN_LIMIT
+
+
 class Proxy:
     def __init__(
         self,
@@ -213,23 +239,14 @@ class Proxy:
                 cap_output(dialect, route, parsed, reservation.caps.max_tokens)
                 edited = True
         body = json.dumps(parsed.body).encode() if edited else raw
-        # 7. forward and stream, 8. settle exactly once
-        ex = Exchange()
+        # 7. forward and stream, 8. settle exactly once (even if the caller hangs up)
+        m = Metered(tenant, action, parsed, reservation, rec, strip_usage)
         self.inflight += 1
         try:
-            return await self.forward(
-                request, route, parsed, body, strip_usage, reservation, ex, rec
-            )
+            return await self.forward(request, route, body, m)
         finally:
             self.inflight -= 1
-            ex.ended_ns = time.monotonic_ns()
-            settle = asyncio.ensure_future(
-                self.settle(tenant, action, parsed, reservation, estimate, ex, rec)
-            )
-            self._background.add(settle)
-            settle.add_done_callback(self._background.discard)
-            # shielded: a client that hangs up must not cancel the settlement
-            await asyncio.shield(settle)
+            await self.settle_once(m)
 
     async def read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -307,16 +324,9 @@ class Proxy:
         t.add_done_callback(self._background.discard)
 
     async def forward(
-        self,
-        request: web.Request,
-        route: Route,
-        parsed: ParsedRequest,
-        body: bytes,
-        strip_usage: bool,
-        reservation: Reservation | None,
-        ex: Exchange,
-        rec: RequestRecord,
+        self, request: web.Request, route: Route, body: bytes, m: Metered
     ) -> web.StreamResponse:
+        ex, rec = m.ex, m.rec
         headers = self.upstream.request_headers(
             request.headers, content_length=len(body), identity=True
         )
@@ -330,28 +340,49 @@ class Proxy:
         ex.first_byte_ns = time.monotonic_ns()
         ex.status = rec.status = up.status
         ex.worked = up.status not in NO_WORK_STATUSES
-        scanner = make_scanner(route.dialect, up.content_type, strip_usage and ex.worked)
+        scanner = make_scanner(route.dialect, up.content_type, m.strip_usage and ex.worked)
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
         try:
-            resp = web.StreamResponse(status=up.status, reason=up.reason)
-            resp.headers.extend(Upstream.response_headers(up, keep_length=not strip_usage))
-            if reservation is not None and reservation.reservation_id:
-                resp.headers["x-cycles-reservation-id"] = reservation.reservation_id
+            resp.headers.extend(Upstream.response_headers(up, keep_length=not m.strip_usage))
+            if m.reservation is not None and m.reservation.reservation_id:
+                resp.headers["x-cycles-reservation-id"] = m.reservation.reservation_id
             resp.headers["x-cycles-estimate"] = str(rec.estimate)
             try:
-                await resp.prepare(request)
-                try:
-                    async for chunk in up.content.iter_any():
-                        out = scanner.feed(chunk)
-                        if out:
-                            await resp.write(out)
-                    tail = scanner.finish()
-                    if tail:
-                        await resp.write(tail)
-                    completed = True
-                except _UPSTREAM_BROKE as exc:
-                    ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                if buffered(up):
+                    # one JSON object: read it whole, settle, then answer with the charge in
+                    # the headers; the caller waits for the whole body anyway
+                    data = await up.content.read()
+                    scanner.feed(data)
                     scanner.finish()
-                    await resp.write(stream_error_chunk(route.dialect, up.content_type))
+                    ex.usage = scanner.usage
+                    await self.settle_once(m)
+                    self.charge_headers(resp, m)
+                    resp.headers["Content-Length"] = str(len(data))
+                    await resp.prepare(request)
+                    await resp.write(data)
+                    completed = True
+                else:
+                    await resp.prepare(request)
+                    try:
+                        async for chunk in up.content.iter_any():
+                            out = scanner.feed(chunk)
+                            if (scanner.usage.complete or scanner.usage.error) and not m.settled:
+                                # settle before the final bytes leave: a caller that has seen
+                                # the end of its answer also sees its charge in the ledger
+                                ex.usage = scanner.usage
+                                await self.settle_once(m)
+                            if out:
+                                await resp.write(out)
+                        tail = scanner.finish()
+                        if tail:
+                            await resp.write(tail)
+                        completed = True
+                    except _UPSTREAM_BROKE as exc:
+                        ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                        scanner.finish()
+                        await resp.write(stream_error_chunk(route.dialect, up.content_type))
+                ex.usage = scanner.usage
+                await self.settle_once(m)
                 await resp.write_eof()
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 ex.client_gone = True
@@ -366,17 +397,32 @@ class Proxy:
             else:
                 up.close()  # closing the connection is how Ollama and llama.cpp stop generating
 
-    async def settle(
-        self,
-        tenant: Tenant,
-        action: Action,
-        parsed: ParsedRequest,
-        reservation: Reservation | None,
-        estimate: int,
-        ex: Exchange,
-        rec: RequestRecord,
-    ) -> None:
+    async def settle_once(self, m: Metered) -> None:
+        """Settle ``m`` exactly once, shielded: a caller that hangs up cannot cancel it."""
+        if m.settling is None:
+            m.ex.ended_ns = time.monotonic_ns()
+            m.settling = asyncio.ensure_future(self.settle(m))
+            self._background.add(m.settling)
+            m.settling.add_done_callback(self._background.discard)
+        await asyncio.shield(m.settling)
+
+    def charge_headers(self, resp: web.StreamResponse, m: Metered) -> None:
+        if m.rec.charged is not None:
+            resp.headers["x-cycles-charged"] = str(m.rec.charged)
+        remaining = m.rec.extra.get("remaining")
+        if remaining is not None:
+            resp.headers["x-cycles-remaining"] = str(remaining)
+
+    async def settle(self, m: Metered) -> None:
         """Commit what was used, or release when no work happened. Runs exactly once."""
+        tenant, action, parsed, reservation, ex, rec = (
+            m.tenant,
+            m.action,
+            m.parsed,
+            m.reservation,
+            m.ex,
+            m.rec,
+        )
         usage = ex.usage
         wall_ns = max(0, ex.ended_ns - ex.sent_ns) if ex.sent_ns else 0
         gpu_ns = self.gpu_ns(usage, wall_ns)
@@ -455,6 +501,8 @@ class Proxy:
                 metrics=metrics,
             )
             rec.charged, rec.settlement = result.charged.amount, "committed"
+            if result.balances:
+                rec.extra["remaining"] = min(b.remaining for b in result.balances)
         except CyclesError as exc:
             if exc.code is ErrorCode.BUDGET_EXCEEDED and reservation.reserved is not None:
                 # REJECT policy: the commit may not exceed what was reserved. Charge all of the

@@ -71,7 +71,7 @@ def format_amount(amount: int, unit: str) -> str:
     """``150000000`` USD_MICROCENTS -> ``$1.50``; other units as grouped integers."""
     if unit == "USD_MICROCENTS":
         usd = Decimal(amount) / MICROCENTS_PER_USD
-        if abs(usd) >= 1 or amount == 0:
-            return f"${usd:,.2f}"
-        return f"${usd:,.6f}".rstrip("0").rstrip(".")
+        text = f"{usd:,.8f}".rstrip("0")
+        whole, _, frac = text.partition(".")
+        return f"${whole}.{frac.ljust(2, '0')}"
     return f"{amount:,} {unit.lower()}"

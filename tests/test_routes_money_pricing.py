@@ -79,6 +79,9 @@ def test_bad_amounts_are_refused(bad: object) -> None:
 def test_format_amount() -> None:
     assert format_amount(150_000_000, "USD_MICROCENTS") == "$1.50"
     assert format_amount(1234, "TOKENS") == "1,234 tokens"
+    assert format_amount(30_000_000, "USD_MICROCENTS") == "$0.30"
+    assert format_amount(1, "USD_MICROCENTS") == "$0.00000001"
+    assert format_amount(0, "USD_MICROCENTS") == "$0.00"
 
 
 def test_pricing_is_integer_and_rounds_up() -> None:
