@@ -272,15 +272,34 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     try:
         since = int((time.time() - args.days * 86400) * 1000)
         rows = [
-            dict(r) if not isinstance(r, dict) else r
+            {**asdict(r), "unit": str(r.unit)}
             for r in ledger.usage(since_ms=since, tenant=args.tenant)
         ]
     finally:
         ledger.close()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        _table(rows, list(rows[0].keys()) if rows else ["tenant", "model", "day", "requests"])
+        print(json.dumps(rows, indent=2))
+        return 0
+    _table(
+        [
+            {
+                **r,
+                "gpu_seconds": f"{r['gpu_seconds']:.3f}",
+                "cost": format_amount(r["cost"], r["unit"]),
+            }
+            for r in rows
+        ],
+        [
+            "day",
+            "tenant",
+            "model",
+            "requests",
+            "tokens_input",
+            "tokens_output",
+            "gpu_seconds",
+            "cost",
+        ],
+    )
     return 0
 
 

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
         extra="forbid",
         populate_by_name=True,
         validate_default=True,
+        env_parse_none_str="none",
     )
 
     # --- listening and upstream -------------------------------------------------------------

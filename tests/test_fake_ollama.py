@@ -650,6 +650,9 @@ async def test_truncate(start: Start) -> None:
     client = ol(url, headers={"x-fake-fault": "truncate"})
     gparts = [p async for p in await client.generate(model="llama3.2", prompt="x", stream=True)]
     assert len(gparts) == 8 and not gparts[-1].done
+    with pytest.raises(httpx.RemoteProtocolError):  # non-streaming: half a JSON body, then FIN
+        await client.generate(model="llama3.2", prompt="x")
+    assert fake.last_generation.state == "truncated" and fake.last_request().status == 200
     async with (
         aiohttp.ClientSession() as s,
         s.post(
@@ -744,23 +747,32 @@ async def test_disconnect_stops_generation_openai_client(start: Start) -> None:
     assert fake.last_generation.tokens_generated < 50
 
 
-@pytest.mark.parametrize("fault", ["", "stall_after_chunks=1", "slow_first_byte_s=5"])
-async def test_disconnect_detected_without_handler_cancellation(fault: str) -> None:
+@pytest.mark.parametrize(
+    ("fault", "stream"),
+    [("", True), ("", False), ("stall_after_chunks=1", True), ("slow_first_byte_s=5", True)],
+)
+async def test_disconnect_detected_without_handler_cancellation(fault: str, stream: bool) -> None:
     """The watchdog notices a closed socket even when nothing is written and aiohttp does not
     cancel the handler (AppRunner's default)."""
     async with serve_fake_ollama(handler_cancellation=False, token_delay_s=0.05) as srv:
         headers = {"x-fake-fault": fault} if fault else {}
+        body = {
+            "model": "llama3.2",
+            "prompt": "x",
+            "stream": stream,
+            "options": {"num_predict": 500},
+        }
         timeout = aiohttp.ClientTimeout(total=0.3)
         async with aiohttp.ClientSession(timeout=timeout) as s:
             with pytest.raises(asyncio.TimeoutError):
-                async with s.post(
-                    f"{srv.url}/api/generate",
-                    json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 500}},
-                    headers=headers,
-                ) as resp:
+                async with s.post(f"{srv.url}/api/generate", json=body, headers=headers) as resp:
                     await resp.read()
         await srv.fake.wait_until(lambda: srv.fake.cancelled_generations == 1)
-        assert srv.fake.last_generation.tokens_generated < 20
+        gen = srv.fake.last_generation
+        assert gen.tokens_generated < 20 and srv.fake.active_generations == 0
+        produced = gen.tokens_generated
+        await asyncio.sleep(0.15)
+        assert gen.tokens_generated == produced
 
 
 async def test_queueing_shows_in_load_duration_only(start: Start) -> None:
