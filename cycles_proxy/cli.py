@@ -11,8 +11,8 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 

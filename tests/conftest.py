@@ -95,6 +95,17 @@ class Harness:
 StartProxy = Callable[..., Awaitable[Harness]]
 
 
+async def eventually(predicate: Callable[[], Any], timeout_s: float = 5.0) -> None:
+    """Poll an async-world condition (another process, a background task) until it holds."""
+    import asyncio
+
+    for _ in range(int(timeout_s / 0.02)):
+        if await predicate() if asyncio.iscoroutinefunction(predicate) else predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not reached within {timeout_s} s")
+
+
 @pytest.fixture
 async def start_proxy(tmp_path: pathlib.Path) -> AsyncIterator[StartProxy]:
     """``await start_proxy(upstream_url, **settings)`` -> a running proxy on a free port."""

@@ -9,13 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import ollama
 import pytest
-
-from tests.fakes.fake_ollama import RunningFake, serve_fake_ollama
 
 
 def run(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -90,19 +87,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[RunningFake]:
-    async with serve_fake_ollama() as running:
-        yield running
+def wait_for_port(port: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the process exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
 
 
-async def test_serve_as_a_user_runs_it(tmp_path: Path, fake: RunningFake) -> None:
-    """The README's flow: keys and budgets with the CLI, `serve`, the real ollama client,
-    a denial once the budget is spent, usage, then a clean SIGTERM."""
+def test_serve_as_a_user_runs_it(tmp_path: Path) -> None:
+    """The README's flow, all in separate processes: an upstream, keys and budgets with the CLI,
+    `serve`, the real ollama client, a denial once the budget is spent, usage, a clean SIGTERM."""
     db = tmp_path / "ledger.db"
-    key = run(db, "keys", "create", "acme").stdout.strip()
-    run(db, "budgets", "set", "acme", "1usd")
-    port = free_port()
+    up_port, port = free_port(), free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.fake_ollama", "--port", str(up_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     env = {**os.environ, "CYCLES_PROXY_DB": str(db), "CYCLES_PROXY_ADMIN_PORT": "none"}
     env.pop("CYCLES_BASE_URL", None)
     proc = subprocess.Popen(
@@ -114,33 +120,41 @@ async def test_serve_as_a_user_runs_it(tmp_path: Path, fake: RunningFake) -> Non
             "--port",
             str(port),
             "--upstream",
-            fake.url,
+            f"http://127.0.0.1:{up_port}",
         ],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     try:
-        assert proc.stderr is not None
-        banner = ""
-        deadline = time.monotonic() + 20
-        while "authority" not in banner and time.monotonic() < deadline:
-            banner += proc.stderr.readline()
-        assert f"listening on http://127.0.0.1:{port}" in banner
-        assert fake.url in banner and "embedded ledger" in banner
-        c = ollama.AsyncClient(host=f"127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
-        res = await c.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
-        assert res.done
+        key = run(db, "keys", "create", "acme").stdout.strip()
+        run(db, "budgets", "set", "acme", "1usd")
+        wait_for_port(up_port, upstream)
+        wait_for_port(port, proc)
+        c = ollama.Client(host=f"127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"})
+        assert c.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}]).done
+        parts = list(c.generate(model="llama3.2", prompt="hi", stream=True))
+        assert parts[-1].done
         usage = json.loads(run(db, "usage", "--json").stdout)
-        assert usage[0]["tenant"] == "acme" and usage[0]["requests"] == 1
-        assert usage[0]["model"] == "ollama:llama3.2"
+        assert [(u["tenant"], u["model"], u["requests"]) for u in usage] == [
+            ("acme", "ollama:llama3.2", 2)
+        ]
         shown = json.loads(run(db, "budgets", "show", "acme", "--json").stdout)[0]
         assert shown["spent"] == usage[0]["cost"] > 0
+        assert shown["reserved"] == 0
         run(db, "budgets", "set", "acme", str(shown["spent"]))  # nothing left
         with pytest.raises(ollama.ResponseError) as info:
-            await c.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+            c.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
         assert info.value.status_code == 429
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=20)
+        upstream.terminate()
+        upstream.wait(timeout=10)
     assert code == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert f"listening on http://127.0.0.1:{port}" in log
+    assert f"http://127.0.0.1:{up_port}" in log and "embedded ledger" in log
+    assert key not in log  # keys never reach a log line
+    assert '"outcome":"denied"' in log

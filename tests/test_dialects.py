@@ -205,7 +205,8 @@ def test_sse_keeps_the_last_usage_and_reads_llamacpp_timings() -> None:
 
 def test_responses_api_usage_in_completed_event() -> None:
     data = (
-        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}\n\n'
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"x"}\n\n'
         b'event: response.completed\ndata: {"type":"response.completed","response":'
         b'{"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}}\n\n'
     )

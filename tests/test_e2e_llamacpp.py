@@ -4,17 +4,15 @@ the real ``openai`` client. The truth is the server's own accounting: its ``usag
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import time
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Harness, StartProxy
+from tests.conftest import Harness, StartProxy, eventually
 
 PRICE = 27_778  # default: 1 USD per GPU-hour, in USD_MICROCENTS per second
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -173,12 +171,12 @@ async def test_client_disconnect_stops_generation_and_commits_the_partial_cost(
         if n == 5:
             break
     await stream.close()
-    deadline = time.monotonic() + 5
-    while (await busy_slots(llama_upstream)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert await busy_slots(llama_upstream) == 0, "the upstream kept generating"
-    while not h.charges() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+
+    async def idle() -> bool:
+        return await busy_slots(llama_upstream) == 0
+
+    await eventually(idle)  # the proxy closed the upstream request: generation stopped
+    await eventually(lambda: h.charges())
     [charge] = h.charges()
     after = await llama_metrics(llama_upstream)
     predicted = after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]

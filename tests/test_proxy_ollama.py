@@ -16,7 +16,7 @@ import pytest
 
 from cycles_proxy.authority.base import OveragePolicy
 from cycles_proxy.observability import RequestRecord
-from tests.conftest import Harness, StartProxy
+from tests.conftest import Harness, StartProxy, eventually
 from tests.fakes.fake_ollama import FakeOllama, RunningFake, fake_text, serve_fake_ollama
 
 PRICE = 1_000_000  # per GPU-second: large, so tiny fake durations still cost whole units
@@ -123,17 +123,19 @@ async def test_denial_is_a_429_in_ollama_dialect_and_the_upstream_sees_nothing(
     assert info.value.status_code == 429
     assert "budget exceeded for tenant 'poor'" in info.value.error
     assert not [r for r in fake.fake.requests if r.path == "/api/chat"]
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
             f"{h.url}/api/generate",
             json={"model": "llama3.2", "prompt": "x"},
             headers={"Authorization": f"Bearer {key}"},
-        ) as r:
-            assert r.status == 429
-            assert r.headers["x-should-retry"] == "false"
-            assert 0 < int(r.headers["Retry-After"]) <= 86_400  # until the daily refill
-            body = await r.json()
-            assert set(body) == {"error"}
+        ) as r,
+    ):
+        assert r.status == 429
+        assert r.headers["x-should-retry"] == "false"
+        assert 0 < int(r.headers["Retry-After"]) <= 86_400  # until the daily refill
+        body = await r.json()
+        assert set(body) == {"error"}
     assert h.balance("poor").spent == 0
 
 
@@ -230,13 +232,15 @@ async def test_blob_upload_streams_through_for_admins(proxy: Harness, fake: Runn
         for i in range(0, len(blob), 65536):
             yield blob[i : i + 65536]
 
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
             f"{proxy.url}/api/blobs/{digest}",
             data=chunks(),
             headers={"Authorization": f"Bearer {admin}"},
-        ) as r:
-            assert r.status == 201
+        ) as r,
+    ):
+        assert r.status == 201
     assert fake.fake.blobs[digest] == len(blob)
 
 
@@ -351,10 +355,7 @@ async def test_client_disconnect_cancels_upstream_and_commits_elapsed(
             await r.content.readline()
         r.close()
     await fake.fake.wait_until(lambda: fake.fake.cancelled_generations == 1, timeout_s=5)
-    for _ in range(200):
-        if proxy.charges():
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: proxy.charges())
     [charge] = proxy.charges()
     assert charge["amount"] > 0 and charge["tokens_output"] >= 2
     [gen] = generations(fake.fake)
