@@ -11,6 +11,7 @@ from aiohttp import web
 
 from cycles_proxy.authority.base import Authority
 from cycles_proxy.lifecycle import Proxy
+from cycles_proxy.metrics import InstrumentedAuthority, ProxyMetrics
 from cycles_proxy.observability import Observer, configure_logging
 from cycles_proxy.settings import Settings
 from cycles_proxy.tenants import KeyStore
@@ -19,6 +20,8 @@ from cycles_proxy.upstream import Upstream
 log = logging.getLogger("cycles_proxy")
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
+TASKS_KEY = web.AppKey("background_tasks", list[asyncio.Task[None]])
+METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
 
 
 def build_authority(settings: Settings) -> Authority:
@@ -36,23 +39,38 @@ def build_authority(settings: Settings) -> Authority:
 def create_app(settings: Settings, *, authority: Authority | None = None) -> web.Application:
     """The proxy application. ``authority`` may be injected (tests, benchmarks)."""
     keys = KeyStore(settings.db, app=settings.app_scope)
+    metrics = ProxyMetrics(settings)
+    inner = authority or build_authority(settings)
+    observer = Observer(access_log=settings.access_log)
+    observer.listeners.append(metrics.observe)
     proxy = Proxy(
-        settings,
-        authority or build_authority(settings),
-        keys,
-        Upstream(settings),
-        Observer(access_log=settings.access_log),
+        settings, InstrumentedAuthority(inner, metrics), keys, Upstream(settings), observer
     )
+    metrics.track_inflight(lambda: proxy.inflight)
+    pending = getattr(inner, "pending", None)
+    if callable(pending):  # the remote authority's journal of undelivered settlements
+        metrics.track_journal(pending)
     # client_max_size bounds request.read() (metered bodies); pass-through bodies stream
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[PROXY_KEY] = proxy
+    app[METRICS_KEY] = metrics
+
+    async def persist_rates() -> None:
+        # learned estimates are written off the event loop, every 30 s and at shutdown
+        while True:
+            await asyncio.sleep(30)
+            await asyncio.to_thread(proxy.estimator.flush)
 
     async def startup(_: web.Application) -> None:
         await proxy.upstream.start()
         await proxy.authority.start()
+        app[TASKS_KEY] = [asyncio.create_task(persist_rates())]
 
     async def cleanup(_: web.Application) -> None:
+        for task in app[TASKS_KEY]:
+            task.cancel()
         await proxy.drain()
+        await asyncio.to_thread(proxy.estimator.flush)
         await proxy.authority.close()
         await proxy.upstream.close()
         keys.close()
@@ -67,20 +85,61 @@ def create_app(settings: Settings, *, authority: Authority | None = None) -> web
 class Running:
     runner: web.AppRunner
     url: str
+    #: the admin listener (metrics, health, status page); None when ``admin_port`` is unset.
+    #: ``runner.cleanup()`` stops it too.
+    admin_url: str | None = None
+
+
+def _url(host: str, site: web.TCPSite) -> str:
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
 async def start(settings: Settings, *, authority: Authority | None = None) -> Running:
-    """Start the proxy on ``settings.host:port`` (port 0 = any free port)."""
+    """Start the proxy on ``settings.host:port`` and, unless ``admin_port`` is None, the admin
+    listener on ``admin_host:admin_port`` (port 0 = any free port)."""
+    from cycles_proxy.admin import Admin
+
     app = create_app(settings, authority=authority)
+    admin_runner: web.AppRunner | None = None
+    if settings.admin_port is not None:
+        admin = Admin(settings, app[PROXY_KEY], app[METRICS_KEY])
+        admin_runner = web.AppRunner(admin.app(), access_log=None)
+
+        async def admin_draining(_: web.Application) -> None:
+            admin.draining = True
+
+        async def admin_stop(_: web.Application) -> None:
+            assert admin_runner is not None
+            await admin_runner.cleanup()
+
+        app.on_shutdown.append(admin_draining)
+        app.on_cleanup.insert(0, admin_stop)
     # handler_cancellation: a client that hangs up cancels its handler, which closes the
     # upstream request (that is how Ollama stops generating) and settles what was used
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
-    return Running(runner, f"http://{host}:{port}")
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    running = Running(runner, _url(settings.host, site))
+    if admin_runner is not None:
+        await admin_runner.setup()
+        admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
+        try:
+            await admin_site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror} (admin listener {settings.admin_host}:{settings.admin_port}; "
+                "choose another with --admin-port or CYCLES_PROXY_ADMIN_PORT)",
+            ) from exc
+        running.admin_url = _url(settings.admin_host, admin_site)
+    return running
 
 
 async def serve(settings: Settings) -> None:
@@ -94,6 +153,12 @@ async def serve(settings: Settings) -> None:
     log.info("cycles-proxy listening on %s", running.url)
     log.info("  upstream:  %s", settings.upstream)
     log.info("  authority: %s (failure policy %s)", mode, settings.failure_policy)
+    if running.admin_url:
+        log.info(
+            "  admin:     %s (/status, /metrics, /healthz, /readyz, /version)", running.admin_url
+        )
+    else:
+        log.info("  admin:     disabled (set admin_port to enable metrics and the status page)")
     if settings.anonymous_tenant:
         log.info("  requests without a key are billed to tenant '%s'", settings.anonymous_tenant)
     stop = asyncio.Event()

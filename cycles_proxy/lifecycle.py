@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import logging
 import time
 import uuid
@@ -34,9 +35,10 @@ from cycles_proxy.authority.base import (
 from cycles_proxy.dialects import ollama as ollama_dialect
 from cycles_proxy.dialects import openai as openai_dialect
 from cycles_proxy.dialects.common import BadRequest, ParsedRequest, Scanner, Usage
+from cycles_proxy.estimator import Estimate, Estimator
 from cycles_proxy.money import format_amount
 from cycles_proxy.observability import Observer, RequestRecord
-from cycles_proxy.pricing import Pricing
+from cycles_proxy.pricing import CHARS_PER_TOKEN, Pricing
 from cycles_proxy.routes import Dialect, Kind, Route, classify
 from cycles_proxy.settings import FailurePolicy, Settings
 from cycles_proxy.tenants import KeyStore, Tenant, extract_key
@@ -82,6 +84,8 @@ class Exchange:
     usage: Usage = field(default_factory=Usage)
     broke: str | None = None
     client_gone: bool = False
+    #: no other metered request was in flight when this one was sent upstream
+    alone: bool = True
 
 
 @dataclass(slots=True)
@@ -125,6 +129,14 @@ class Proxy:
         self.upstream = upstream
         self.observer = observer
         self.pricing = Pricing(settings)
+        self.estimator = Estimator(
+            self.pricing,
+            default_seconds=settings.default_estimate_seconds,
+            max_seconds=settings.max_estimate_seconds,
+            safety_factor=settings.estimate_safety_factor,
+            learn=settings.learn_estimates,
+            db=settings.db,
+        )
         self.unit = settings.unit
         self._background: set[asyncio.Task[Any]] = set()
         self.inflight = 0
@@ -228,16 +240,21 @@ class Proxy:
             openai_dialect.inject_usage(parsed)
             edited = strip_usage = True
         # 5. estimate
-        estimate = self.pricing.estimate(parsed.model, parsed.input_chars, parsed.max_output_tokens)
-        rec.estimate, rec.unit = estimate, str(self.unit)
+        est = self.estimator.estimate(parsed.model, parsed.input_chars, parsed.max_output_tokens)
+        rec.estimate, rec.unit = est.amount, str(self.unit)
         # 6. reserve (a denial answers here: the upstream never sees the request)
         action = Action(route.action_kind, f"ollama:{parsed.model}")
-        reservation = await self.reserve(tenant, action, estimate, rec)
+        reservation, cap = await self.reserve(tenant, action, est, parsed, rec)
         if reservation is not None:
             rec.reservation_id = reservation.reservation_id
+            if reservation.reserved is not None:
+                rec.estimate = reservation.reserved.amount
             if reservation.caps is not None and reservation.caps.max_tokens is not None:
-                cap_output(dialect, route, parsed, reservation.caps.max_tokens)
-                edited = True
+                cap = min(cap or reservation.caps.max_tokens, reservation.caps.max_tokens)
+        if cap is not None:
+            cap_output(dialect, route, parsed, cap)
+            rec.extra["output_capped_at"] = cap
+            edited = True
         body = json.dumps(parsed.body).encode() if edited else raw
         # 7. forward and stream, 8. settle exactly once (even if the caller hangs up)
         m = Metered(tenant, action, parsed, reservation, rec, strip_usage)
@@ -258,33 +275,29 @@ class Proxy:
             raise body_too_large(limit) from None
 
     async def reserve(
-        self, tenant: Tenant, action: Action, estimate: int, rec: RequestRecord
-    ) -> Reservation | None:
-        """Reserve ``estimate``; None means "run without a reservation" (fail_open, shadow)."""
+        self,
+        tenant: Tenant,
+        action: Action,
+        est: Estimate,
+        parsed: ParsedRequest,
+        rec: RequestRecord,
+    ) -> tuple[Reservation | None, int | None]:
+        """Reserve the estimate, or (degrade-to-fit) what is left with a capped answer length.
+        Returns the reservation (None: run without one, under fail_open or shadow) and the
+        output cap to apply (None: no cap)."""
         policy = self.settings.failure_policy
-        req = ReserveRequest(
-            idempotency_key=str(uuid.uuid4()),
-            subject=tenant.subject,
-            action=action,
-            estimate=Amount(self.unit, estimate),
-            ttl_ms=self.settings.reservation_ttl_ms,
-            grace_period_ms=self.settings.grace_period_ms,
-            overage_policy=self.settings.overage_policy,
-            dry_run=policy is FailurePolicy.SHADOW,
-        )
-        task = asyncio.ensure_future(self.authority.reserve(req))
         try:
-            res = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # the caller left while we reserved: give back whatever was granted
-            task.add_done_callback(self._release_orphan)
-            raise
+            res = await self._reserve_amount(tenant, action, est.amount)
         except CyclesError as exc:
             if policy is FailurePolicy.SHADOW:
                 rec.extra["shadow_denial"] = str(exc.code)
                 log.warning("shadow mode: tenant %s would be denied: %s", tenant.name, exc.code)
-                return None
-            raise denial(exc, tenant, estimate, self.unit) from None
+                return None, None
+            if exc.code is ErrorCode.BUDGET_EXCEEDED and self._may_degrade(parsed, est):
+                fitted = await self._degrade(tenant, action, est, rec)
+                if fitted is not None:
+                    return fitted
+            raise denial(exc, tenant, est.amount, self.unit) from None
         except AuthorityUnavailable as exc:
             if policy is FailurePolicy.FAIL_CLOSED:
                 raise Reply(
@@ -297,15 +310,65 @@ class Proxy:
                 ) from exc
             rec.extra["unreserved"] = f"{policy}: {exc}"
             log.warning("authority unavailable (%s); running unreserved under %s", exc, policy)
-            return None
+            return None, None
         if policy is FailurePolicy.SHADOW:
             if res.decision == "DENY":
                 rec.extra["shadow_denial"] = res.reason_code
                 log.warning(
                     "shadow mode: tenant %s would be denied: %s", tenant.name, res.reason_code
                 )
+            return None, None
+        return res, None
+
+    async def _reserve_amount(self, tenant: Tenant, action: Action, amount: int) -> Reservation:
+        req = ReserveRequest(
+            idempotency_key=str(uuid.uuid4()),
+            subject=tenant.subject,
+            action=action,
+            estimate=Amount(self.unit, amount),
+            ttl_ms=self.settings.reservation_ttl_ms,
+            grace_period_ms=self.settings.grace_period_ms,
+            overage_policy=self.settings.overage_policy,
+            dry_run=self.settings.failure_policy is FailurePolicy.SHADOW,
+        )
+        task = asyncio.ensure_future(self.authority.reserve(req))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # the caller left while we reserved: give back whatever was granted
+            task.add_done_callback(self._release_orphan)
+            raise
+
+    def _may_degrade(self, parsed: ParsedRequest, est: Estimate) -> bool:
+        return (
+            self.settings.degrade_to_fit
+            and parsed.max_output_tokens != 0  # embeddings have no answer length to cap
+            and est.per_token > 0
+        )
+
+    async def _degrade(
+        self, tenant: Tenant, action: Action, est: Estimate, rec: RequestRecord
+    ) -> tuple[Reservation, int] | None:
+        """Reserve what the tenant has left if it pays for a useful answer; None if not."""
+        try:
+            balances = await self.authority.balances(tenant.subject)
+        except (CyclesError, AuthorityUnavailable):
             return None
-        return res
+        scopes = set(tenant.subject.scopes())
+        left = [b.remaining for b in balances if b.unit == self.unit and b.scope in scopes]
+        if not left or min(left) <= 0:
+            return None
+        remaining = min(left)
+        tokens = min(self.estimator.affordable_tokens(est, remaining), est.tokens_out)
+        if tokens < self.settings.degrade_min_tokens:
+            return None
+        amount = min(remaining, max(1, math.ceil(est.base + est.per_token * tokens)))
+        try:
+            res = await self._reserve_amount(tenant, action, amount)
+        except CyclesError:
+            return None  # someone else took it meanwhile: the original denial stands
+        rec.extra["degraded"] = True
+        return res, tokens
 
     def _release_orphan(self, task: asyncio.Task[Reservation]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -331,6 +394,7 @@ class Proxy:
             request.headers, content_length=len(body), identity=True
         )
         ex.sent_ns = time.monotonic_ns()
+        ex.alone = self.inflight <= 1
         try:
             cm = self.upstream.open("POST", request.raw_path, headers, body)
             up = await cm.__aenter__()
@@ -364,7 +428,10 @@ class Proxy:
                 else:
                     await resp.prepare(request)
                     try:
+                        first = True
                         async for chunk in up.content.iter_any():
+                            if first:
+                                ex.first_byte_ns, first = time.monotonic_ns(), False
                             out = scanner.feed(chunk)
                             if (scanner.usage.complete or scanner.usage.error) and not m.settled:
                                 # settle before the final bytes leave: a caller that has seen
@@ -425,7 +492,7 @@ class Proxy:
         )
         usage = ex.usage
         wall_ns = max(0, ex.ended_ns - ex.sent_ns) if ex.sent_ns else 0
-        gpu_ns = self.gpu_ns(usage, wall_ns)
+        gpu_ns = self.gpu_ns(usage, wall_ns, ex.alone)
         tokens_in = usage.tokens_input
         tokens_out = (
             usage.tokens_output
@@ -449,11 +516,10 @@ class Proxy:
             else:
                 rec.settlement = "none"
             return
+        # precedence: upstream-reported > counted from the stream > estimated from the prompt
+        est_in = -(-parsed.input_chars // CHARS_PER_TOKEN)
         actual = self.pricing.actual(
-            parsed.model,
-            gpu_ns,
-            tokens_in if tokens_in is not None else -(-parsed.input_chars // 4),
-            tokens_out,
+            parsed.model, gpu_ns, tokens_in if tokens_in is not None else est_in, tokens_out
         )
         metrics = Metrics(
             tokens_input=tokens_in,
@@ -464,22 +530,44 @@ class Proxy:
         )
         if usage.tokens_output is None and tokens_out is not None:
             metrics.custom["tokens_output_source"] = "counted"
+        if tokens_in is None:
+            metrics.custom["tokens_input_estimate"] = est_in
+        if usage.reported_load_ns is not None:
+            # Ollama's load_duration: a real load when alone, else mostly queue wait
+            key = "load_ms" if ex.alone else "queue_ms"
+            metrics.custom[key] = usage.reported_load_ns // 1_000_000
         if ex.first_byte_ns and ex.sent_ns:
             metrics.custom["ttfb_ms"] = (ex.first_byte_ns - ex.sent_ns) // 1_000_000
         if ex.client_gone or ex.broke or not usage.complete:
             metrics.custom["partial"] = True
         rec.charged = actual
+        if rec.estimate and actual:
+            metrics.custom["estimate_ratio"] = rec.extra["estimate_ratio"] = round(
+                rec.estimate / actual, 3
+            )
+        if usage.complete and not (ex.client_gone or ex.broke or usage.error):
+            self.estimator.observe(
+                parsed.model,
+                tokens_in=usage.tokens_input,
+                tokens_out=usage.tokens_output,
+                prompt_ns=usage.reported_prompt_ns,
+                eval_ns=usage.reported_eval_ns,
+            )
         if reservation is None or not reservation.reservation_id:
             await self._event(tenant, action, actual, metrics, rec)
             return
         await self._commit(tenant, action, reservation, actual, metrics, rec)
 
-    def gpu_ns(self, usage: Usage, wall_ns: int) -> int:
+    def gpu_ns(self, usage: Usage, wall_ns: int, alone: bool) -> int:
+        """GPU time to bill. Reported compute time excludes queueing by construction; Ollama's
+        load time is billed only when no other request was in flight (otherwise it is mostly
+        the wait behind another tenant, which is not this request's GPU use)."""
         mode = self.settings.gpu_time
         if mode == "wall":
             return wall_ns
         if usage.reported_compute_ns is not None:
-            return usage.reported_compute_ns
+            load = usage.reported_load_ns if alone and usage.reported_load_ns else 0
+            return usage.reported_compute_ns + load
         return wall_ns if mode == "auto" else 0
 
     async def _commit(

@@ -39,7 +39,10 @@ class RequestRecord:
     tokens_input: int | None = None
     tokens_output: int | None = None
     ttfb_ms: float | None = None
+    #: from sending the request upstream to its last byte (the lifecycle's ``wall_ns``)
+    upstream_ms: float | None = None
     duration_ms: float = 0.0
+    #: why a denied request was denied: the Cycles error code in lower case, or ``no_budget``
     denial_reason: str | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from cycles_proxy.authority.base import Unit
 from cycles_proxy.settings import PriceRule, Settings
 
 NS_PER_S = 1_000_000_000
-#: output length assumed for token-priced estimates when the caller sets no cap
+#: output length assumed for estimates when the caller sets no cap and nothing was learned
 DEFAULT_OUTPUT_TOKENS = 512
 #: characters per token for estimating prompt size before the upstream counts it
 CHARS_PER_TOKEN = 4
@@ -36,8 +36,6 @@ class Pricing:
             self._default = Price(0, 1, 1)
         else:
             self._default = Price(default_gpu, 0, 0)
-        self._estimate_ns = int(settings.default_estimate_seconds * NS_PER_S)
-        self._max_ns = int(settings.max_estimate_seconds * NS_PER_S)
         self._cache: dict[str, Price] = {}
 
     def price(self, model: str) -> Price:
@@ -52,13 +50,6 @@ class Pricing:
         if len(self._cache) < 4096:  # bounded: model names come from callers
             self._cache[model] = price
         return price
-
-    def estimate(self, model: str, input_chars: int, max_output_tokens: int | None) -> int:
-        """Amount to reserve before the request runs (unused part is released at commit)."""
-        p = self.price(model)
-        tokens_in = -(-input_chars // CHARS_PER_TOKEN)
-        tokens_out = DEFAULT_OUTPUT_TOKENS if max_output_tokens is None else max_output_tokens
-        return self.cost(p, min(self._estimate_ns, self._max_ns), tokens_in, tokens_out)
 
     def actual(self, model: str, gpu_ns: int, tokens_in: int | None, tokens_out: int | None) -> int:
         return self.cost(self.price(model), gpu_ns, tokens_in or 0, tokens_out or 0)

@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     """GPU seconds reserved up front for one request (the unused part is released)."""
     max_estimate_seconds: float = Field(600.0, gt=0)
     """Upper bound of any single request's reservation, in GPU seconds."""
+    learn_estimates: bool = True
+    """Learn each model's prefill/decode speed and typical answer length from completed
+    requests, and estimate from them instead of ``default_estimate_seconds``."""
+    estimate_safety_factor: float = Field(1.25, ge=1.0, le=10.0)
+    """Learned estimates are multiplied by this (over-estimates are released at commit)."""
+    degrade_to_fit: bool = True
+    """When the budget cannot pay the estimate but pays a useful answer, reserve what is left
+    and cap the answer's length (``num_predict`` / ``max_tokens``) instead of refusing."""
+    degrade_min_tokens: int = Field(16, ge=1)
+    """The shortest answer worth giving when degrading; below it the request is refused."""
     gpu_time: str = "auto"
     """``auto``: bill the upstream's reported compute time when present, else wall time;
     ``reported``: only reported time; ``wall``: always the wall time measured by the proxy."""

@@ -477,6 +477,8 @@ async def test_balances_by_subject(backend: Backend) -> None:
 
 async def test_reservation_result_types(backend: Backend) -> None:
     await backend.budget("tenant:acme", 1_000)
+    assert isinstance(backend.auth, Authority)
+    assert backend.auth.name == backend.kind
     res = await backend.auth.reserve(req(1, metadata={"request_id": "r-1"}))
     assert isinstance(res, Reservation)
     assert isinstance(res.reserved, Amount) and isinstance(res.reserved.amount, int)

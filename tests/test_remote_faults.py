@@ -169,7 +169,7 @@ async def test_lost_reserve_response_replays_the_same_reservation(env: Env) -> N
     env.fake.inject("reserve", Fault.error(503, apply=True), calls=[2])
     rid = await reserve(a, 250, idem="reserve-1")
     reserves = env.fake.requests_for("reserve")
-    assert [r.status for r in reserves] == [None, 500 if False else 503, 200]
+    assert [r.status for r in reserves] == [None, 503, 200]
     assert {r.body["idempotency_key"] for r in reserves} == {"reserve-1"}
     assert env.reserved() == 250  # reserved once
     await a.commit(rid, idempotency_key="c", actual=Amount(TOK, 250))
@@ -177,14 +177,22 @@ async def test_lost_reserve_response_replays_the_same_reservation(env: Env) -> N
     env.fake.assert_clean()
 
 
-@pytest.mark.parametrize("apply", [False, True], ids=["before-apply", "after-apply"])
-async def test_5xx_then_success(env: Env, apply: bool) -> None:
+@pytest.mark.parametrize(
+    ("fault", "statuses"),
+    [
+        (Fault.error(503), [503, 503, 200]),
+        (Fault.error(500, apply=True), [500, 500, 200]),
+        (Fault.refuse(), [None, None, 200]),
+    ],
+    ids=["503-before-apply", "500-after-apply", "connection-reset"],
+)
+async def test_5xx_then_success(env: Env, fault: Fault, statuses: list[int | None]) -> None:
     a = env.authority()
     rid = await reserve(a, 100)
-    env.fake.inject("commit", Fault.error(503, apply=apply), times=2)
+    env.fake.inject("commit", fault, times=2)
     out = await a.commit(rid, idempotency_key="commit-5xx", actual=Amount(TOK, 80))
     assert out.charged == Amount(TOK, 80)
-    assert [c.status for c in env.fake.requests_for("commit")] == [503, 503, 200]
+    assert [c.status for c in env.fake.requests_for("commit")] == statuses
     assert env.spent() == 80
     env.fake.assert_clean()
 
@@ -618,7 +626,7 @@ async def test_many_concurrent_requests_share_one_client_without_overspend(env: 
         await a.commit(rid, idempotency_key=f"c-{i}", actual=Amount(TOK, 100))
         return True
 
-    done = await asyncio.gather(*(one(i) for i in range(120)))
+    done = await asyncio.gather(*(one(i) for i in range(200)))
     assert sum(done) == 50
     assert env.spent("tenant:acme/app:ollama-proxy") == 5_000
     env.fake.assert_clean()
@@ -797,4 +805,15 @@ async def test_heartbeat_through_pass_through_view(env: Env) -> None:
     hb.cancel()
     with pytest.raises(asyncio.CancelledError):
         await hb
+    env.fake.assert_clean()
+
+
+async def test_journal_sets_aside_unreadable_records(env: Env) -> None:
+    jdir = env.tmp / "journal"
+    jdir.mkdir()
+    (jdir / f"v2-{sha('x')}.json").write_text("{not json")
+    journal = Journal(jdir)
+    assert journal.pending() == 0
+    assert (jdir / f"v2-{sha('x')}.json.corrupt").exists()
+    assert stat.S_IMODE(os.stat(jdir).st_mode) == 0o700
     env.fake.assert_clean()

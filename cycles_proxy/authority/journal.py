@@ -256,10 +256,12 @@ class Journal:
                     os.replace(path, path.with_name(path.name + ".corrupt"))
                 continue
             self._records[record.record_id] = record
-        # leftovers of writes interrupted by a crash
+        # leftovers of writes interrupted by a crash (not the live writes of another process)
+        stale_before = time.time() - 300
         for tmp in self.directory.glob(".v2-*.tmp"):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.stat().st_mtime < stale_before:
+                    tmp.unlink()
 
     # -- replay -----------------------------------------------------------------------------
 

@@ -32,7 +32,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import socket
 import ssl
 import time
 import uuid
@@ -183,6 +185,7 @@ class _Shared:
     heartbeat_attempt_timeout_s: float
     journal: Journal | None
     replay_interval_s: float
+    replay_deadline_s: float
     tenant_cache_ttl_s: float
     tenant_negative_ttl_s: float
     clock: Clock
@@ -343,6 +346,8 @@ def _error_from(resp: httpx.Response, data: object) -> CyclesError | AuthorityUn
     return AuthorityUnavailable(f"unexpected HTTP {status} from Cycles")
 
 
+_SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
 _HTTPCORE_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.PoolTimeout, httpx.PoolTimeout),
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
@@ -425,6 +430,7 @@ class _ConnectionPool(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self._idle: dict[tuple[bytes, bytes, int], list[httpcore.AsyncHTTPConnection]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @staticmethod
@@ -441,8 +447,14 @@ class _ConnectionPool(httpx.AsyncBaseTransport):
         return None
 
     def _discard(self, conn: httpcore.AsyncHTTPConnection) -> None:
-        task = asyncio.ensure_future(conn.aclose())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        task = asyncio.ensure_future(self._close_quietly(conn))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_quietly(conn: httpcore.AsyncHTTPConnection) -> None:
+        with contextlib.suppress(Exception):
+            await conn.aclose()
 
     async def release(self, origin: httpcore.Origin, conn: httpcore.AsyncHTTPConnection) -> None:
         try:
@@ -485,6 +497,8 @@ class _ConnectionPool(httpx.AsyncBaseTransport):
                     origin,
                     ssl_context=self._ssl_context if origin.scheme == b"https" else None,
                     keepalive_expiry=self._keepalive_expiry,
+                    # small JSON requests: never wait for Nagle/delayed-ACK (~40 ms stalls)
+                    socket_options=_SOCKET_OPTIONS,
                 )
             resp = await conn.handle_async_request(core_request)
         except BaseException as exc:
@@ -506,8 +520,9 @@ class _ConnectionPool(httpx.AsyncBaseTransport):
         idle, self._idle = self._idle, {}
         for stack in idle.values():
             for conn in stack:
-                with contextlib.suppress(Exception):
-                    await conn.aclose()
+                await self._close_quietly(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class RemoteAuthority:
@@ -521,14 +536,21 @@ class RemoteAuthority:
         settle_deadline_s: same for commit and event (settlement), before journaling.
         connect_timeout_s, read_timeout_s, write_timeout_s, pool_timeout_s: per-attempt httpx
             timeouts (each also capped by what is left of the deadline).
-        max_connections, max_keepalive_connections, keepalive_expiry_s: the shared pool.
+        max_connections, max_keepalive_connections, keepalive_expiry_s: the shared keep-alive
+            pool (:class:`_ConnectionPool`, O(1) per request; requests beyond
+            ``max_connections`` wait up to ``pool_timeout_s`` for a connection).
         heartbeat_attempt_timeout_s: the enforced bound of ONE extend attempt
             (``request_timeout_budget`` of the heartbeat algorithm).
-        journal: a :class:`~.journal.Journal` (or a directory for one) for undeliverable
+        journal: a :class:`~.journal.Journal` (or a directory path for one) for undeliverable
             settlements; None disables journaling.
         replay_interval_s: how often the background task started by :meth:`start` replays it.
+        replay_deadline_s: retry budget of one journaled delivery during a replay round (a
+            round stops at the first unreachable delivery, so :meth:`start` waits at most
+            about this long when Cycles is down).
         tenant_cache_ttl_s, tenant_negative_ttl_s: cache lifetime of :meth:`resolve_tenant`.
-        transport: optional httpx transport (tests); trust_env: honour proxy env vars.
+        ssl_context: TLS settings for an ``https`` base URL (default: httpx's, certifi CAs).
+        transport: replaces the pool with any httpx transport (e.g. ``httpx.AsyncHTTPTransport``
+            or ``httpx.MockTransport``); the limits above then do not apply.
         clock, sleep: monotonic clock (seconds) and sleep; injectable for virtual-time tests.
     """
 
@@ -546,16 +568,17 @@ class RemoteAuthority:
         read_timeout_s: float = 5.0,
         write_timeout_s: float = 5.0,
         pool_timeout_s: float = 5.0,
-        max_connections: int = 512,
-        max_keepalive_connections: int = 256,
+        max_connections: int = 256,
+        max_keepalive_connections: int = 128,
         keepalive_expiry_s: float = 30.0,
         heartbeat_attempt_timeout_s: float = 3.0,
-        journal: Journal | str | None = None,
+        journal: Journal | str | os.PathLike[str] | None = None,
         replay_interval_s: float = 30.0,
+        replay_deadline_s: float = 2.0,
         tenant_cache_ttl_s: float = 300.0,
         tenant_negative_ttl_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        trust_env: bool = False,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -565,17 +588,21 @@ class RemoteAuthority:
             write=write_timeout_s,
             pool=pool_timeout_s,
         )
-        client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            timeout=timeout,
-            limits=httpx.Limits(
+        if transport is None:
+            if ssl_context is None and base_url.startswith("https:"):
+                ssl_context = httpx.create_ssl_context()
+            transport = _ConnectionPool(
                 max_connections=max_connections,
                 max_keepalive_connections=max_keepalive_connections,
                 keepalive_expiry=keepalive_expiry_s,
-            ),
+                ssl_context=ssl_context,
+            )
+        client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
             headers={"Accept": "application/json", "User-Agent": "cycles-proxy"},
             transport=transport,
-            trust_env=trust_env,
+            trust_env=False,
         )
         self._s = _Shared(
             client=client,
@@ -586,8 +613,11 @@ class RemoteAuthority:
             settle_deadline_s=settle_deadline_s,
             timeout=timeout,
             heartbeat_attempt_timeout_s=heartbeat_attempt_timeout_s,
-            journal=Journal(journal) if isinstance(journal, str) else journal,
+            journal=journal
+            if journal is None or isinstance(journal, Journal)
+            else Journal(journal),
             replay_interval_s=replay_interval_s,
+            replay_deadline_s=replay_deadline_s,
             tenant_cache_ttl_s=tenant_cache_ttl_s,
             tenant_negative_ttl_s=tenant_negative_ttl_s,
             clock=clock,
@@ -639,12 +669,13 @@ class RemoteAuthority:
     def with_api_key(self, api_key: str) -> RemoteAuthority:
         """A light view sharing this authority's client, journal and reservation memory that
         sends ``api_key`` (a caller's own Cycles key, pass-through mode) on every call.
-        Its ``start``/``close`` are no-ops; the parent owns the client."""
+        Its ``start``/``close`` are no-ops; the parent owns the client. Cheap enough to create
+        per request. The raw key is kept in memory only (never on disk) once it reserved or
+        resolved successfully, so that a journaled settlement can be replayed with it."""
         view = RemoteAuthority.__new__(RemoteAuthority)
         view._s = self._s
         view._api_key = api_key
         view._is_view = True
-        self._remember_passthrough(api_key)
         return view
 
     async def resolve_tenant(self, api_key: str) -> str | None:
@@ -659,11 +690,19 @@ class RemoteAuthority:
             return cached[0]
         inflight = s.tenant_inflight.get(h)
         if inflight is not None:
-            return await asyncio.shield(inflight)
+            try:
+                return await asyncio.shield(inflight)
+            except asyncio.CancelledError:
+                if not inflight.cancelled():
+                    raise  # we were cancelled ourselves
+                # the caller doing the lookup was cancelled: look it up ourselves
         fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         s.tenant_inflight[h] = fut
         try:
             tenant = await self._lookup_tenant(api_key, h)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
@@ -798,7 +837,7 @@ class RemoteAuthority:
             body=dict(body),
             ok=_OK_EVENT if is_event else _OK_200,
             check=_check_event if is_event else _check_commit,
-            deadline_s=self._s.settle_deadline_s,
+            deadline_s=self._s.replay_deadline_s,
         )
         return reply.data
 
@@ -886,7 +925,7 @@ class RemoteAuthority:
         headers = {"X-Cycles-API-Key": api_key}
         content: bytes | None = None
         if body is not None:
-            content = json.dumps(body, separators=(",", ":")).encode()
+            content = json.dumps(body, separators=(",", ":"), default=str).encode()
             headers["Content-Type"] = "application/json"
             idem = body.get("idempotency_key")
             if isinstance(idem, str):
@@ -921,11 +960,12 @@ class RemoteAuthority:
                     data: object = resp.json() if resp.content else None
                 except ValueError:
                     data = None
-                if status in ok:
-                    if isinstance(data, dict) and check(data):
+                if 200 <= status < 300:
+                    if status in ok and isinstance(data, dict) and check(data):
                         ctx.rtt_ms = max(0, _ceil_ms(received - sent))
                         ctx.received_at = received
                         return _Reply(status, data, resp.headers)
+                    # CR-CORE-004: a protocol-invalid 2xx proves nothing; retry with the same key
                     last_error = f"schema-invalid HTTP {status} response"
                     ctx.ambiguous = ctx.ambiguous or mutating
                 elif status == 429:
@@ -940,7 +980,7 @@ class RemoteAuthority:
                     backoff = min(backoff * 2, 1.0)
                     await s.sleep(delay)
                     continue
-                elif status >= 500:
+                elif status >= 500 or status == 408:
                     last_error = f"HTTP {status}"
                     ctx.ambiguous = ctx.ambiguous or mutating
                 else:

@@ -44,6 +44,9 @@ class Usage:
     tokens_output: int | None = None
     #: compute time the upstream reported itself (Ollama durations, llama.cpp timings), ns
     reported_compute_ns: int | None = None
+    #: the same split into prompt evaluation (prefill) and generation (decode), ns
+    reported_prompt_ns: int | None = None
+    reported_eval_ns: int | None = None
     #: model load (and, on Ollama, queue wait) time the upstream reported, ns
     reported_load_ns: int | None = None
     #: the final object / usage event was seen: the response completed normally

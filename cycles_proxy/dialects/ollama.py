@@ -79,6 +79,7 @@ def usage_from_final(obj: dict[str, Any], usage: Usage) -> None:
     total_ns = as_count(obj.get("total_duration"))
     load_ns = as_count(obj.get("load_duration"))
     usage.reported_load_ns = load_ns
+    usage.reported_prompt_ns, usage.reported_eval_ns = prompt_ns, eval_ns
     if prompt_ns is not None or eval_ns is not None:
         usage.reported_compute_ns = (prompt_ns or 0) + (eval_ns or 0)
     elif total_ns is not None:

@@ -106,15 +106,10 @@ def _read_usage(obj: dict[str, Any], usage: Usage) -> None:
     t = obj.get("timings")
     if isinstance(t, dict):
         # llama.cpp's own compute time, in milliseconds (float)
-        ms = 0.0
-        seen = False
-        for key in ("prompt_ms", "predicted_ms"):
-            v = t.get(key)
-            if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
-                ms += v
-                seen = True
-        if seen:
-            usage.reported_compute_ns = round(ms * 1_000_000)
+        prompt_ns, eval_ns = _ms_to_ns(t.get("prompt_ms")), _ms_to_ns(t.get("predicted_ms"))
+        if prompt_ns is not None or eval_ns is not None:
+            usage.reported_prompt_ns, usage.reported_eval_ns = prompt_ns, eval_ns
+            usage.reported_compute_ns = (prompt_ns or 0) + (eval_ns or 0)
     model = obj.get("model")
     if isinstance(model, str):
         usage.model_version = model
@@ -123,6 +118,12 @@ def _read_usage(obj: dict[str, Any], usage: Usage) -> None:
         reason = choices[0].get("finish_reason")
         if isinstance(reason, str):
             usage.finish_reason = reason
+
+
+def _ms_to_ns(v: Any) -> int | None:
+    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+        return round(v * 1_000_000)
+    return None
 
 
 def _is_injected_usage_chunk(obj: dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import socket
@@ -64,6 +65,8 @@ from cycles_proxy.authority.base import (
     Unit,
 )
 from cycles_proxy.authority.embedded import Ledger, ReservationRecord
+
+log = logging.getLogger("fake_cycles")
 
 SPEC_URI = "urn:cycles-protocol-v0"
 _REPO = Path(__file__).resolve().parents[2]
@@ -478,9 +481,9 @@ class FakeCycles:
     # -- request plumbing ------------------------------------------------------------------
 
     def _violation(self, ctx: _Ctx, message: str) -> None:
-        self.violations.append(
-            f"{ctx.rec.method} {ctx.rec.path} (#{ctx.n} {ctx.endpoint}): {message}"
-        )
+        text = f"{ctx.rec.method} {ctx.rec.path} (#{ctx.n} {ctx.endpoint}): {message}"
+        self.violations.append(text)
+        log.warning("spec violation: %s", text)
 
     def _headers(self, ctx: _Ctx) -> dict[str, str]:
         h = {"X-Request-Id": ctx.request_id, "X-Cycles-Trace-Id": ctx.trace_id}
@@ -1042,6 +1045,7 @@ def main(argv: list[str] | None = None) -> None:
         help="budget SCOPE=UNIT:AMOUNT, e.g. tenant:acme=USD_MICROCENTS:100000000",
     )
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     keys = dict(k.split("=", 1) for k in args.key) or {"test-key": "acme"}
     fake = FakeCycles(keys=keys, db_path=args.db)
     for spec in args.budget:
