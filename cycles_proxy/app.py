@@ -117,7 +117,13 @@ async def start(settings: Settings, *, authority: Authority | None = None) -> Ru
         app.on_cleanup.insert(0, admin_stop)
     # handler_cancellation: a client that hangs up cancels its handler, which closes the
     # upstream request (that is how Ollama stops generating) and settles what was used
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        # on shutdown, in-flight requests get this long; then they are cancelled (and settled)
+        shutdown_timeout=settings.drain_timeout_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     try:

@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``keys``, ``budgets``, ``usage``.
+"""Command line: ``serve``, ``keys``, ``budgets``, ``usage``, ``check``.
 
 Management commands work on the embedded ledger file (``--db`` / ``CYCLES_PROXY_DB``) and are
 safe to run while the proxy is serving from the same file.
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tenant")
     u.add_argument("--days", type=int, default=30, help="how many days back (default 30)")
     u.add_argument("--json", action="store_true")
+
+    from cycles_proxy.check import add_parser as add_check_parser
+
+    add_check_parser(sub)
     return parser
 
 
@@ -97,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "check":
+            from cycles_proxy.check import cmd_check
+
+            return cmd_check(args)
         settings = _settings(args)
         if args.command == "keys":
             return cmd_keys(args, settings)

@@ -139,6 +139,7 @@ class Proxy:
         )
         self.unit = settings.unit
         self._background: set[asyncio.Task[Any]] = set()
+        self._tenant_inflight: dict[str, int] = {}
         self.inflight = 0
 
     # ---------------------------------------------------------------------------------------
@@ -232,8 +233,39 @@ class Proxy:
                 exc.status, exc.message, code="invalid_request", outcome="bad_request"
             ) from None
         rec.model = parsed.model
-        edited = False
-        strip_usage = False
+        # fair share: one tenant may not fill the upstream's queue on its own
+        limit = self.settings.max_inflight_per_tenant
+        running = self._tenant_inflight.get(tenant.name, 0)
+        if limit and running >= limit:
+            raise Reply(
+                429,
+                f"tenant '{tenant.name}' already has {running} requests running "
+                f"(limit {limit}, setting max_inflight_per_tenant); retry when one finishes",
+                code="too_many_concurrent_requests",
+                outcome="concurrency_limited",
+                headers={"Retry-After": "1"},
+            )
+        self._tenant_inflight[tenant.name] = running + 1
+        try:
+            return await self._metered(request, route, tenant, rec, dialect, raw, parsed)
+        finally:
+            left = self._tenant_inflight[tenant.name] - 1
+            if left:
+                self._tenant_inflight[tenant.name] = left
+            else:
+                del self._tenant_inflight[tenant.name]
+
+    async def _metered(
+        self,
+        request: web.Request,
+        route: Route,
+        tenant: Tenant,
+        rec: RequestRecord,
+        dialect: ModuleType,
+        raw: bytes,
+        parsed: ParsedRequest,
+    ) -> web.StreamResponse:
+        edited = strip_usage = False
         if dialect is openai_dialect and openai_dialect.needs_usage_injection(
             route.endpoint, parsed
         ):
@@ -270,9 +302,17 @@ class Proxy:
         if request.content_length is not None and request.content_length > limit:
             raise body_too_large(limit)
         try:
-            return await request.read()
+            async with asyncio.timeout(self.settings.client_body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise body_too_large(limit) from None
+        except TimeoutError:
+            raise Reply(
+                408,
+                f"the request body did not arrive within {self.settings.client_body_timeout_s:g} s",
+                code="request_timeout",
+                outcome="bad_request",
+            ) from None
 
     async def reserve(
         self,
@@ -395,11 +435,21 @@ class Proxy:
         )
         ex.sent_ns = time.monotonic_ns()
         ex.alone = self.inflight <= 1
+        cm = self.upstream.open("POST", request.raw_path, headers, body)
         try:
-            cm = self.upstream.open("POST", request.raw_path, headers, body)
-            up = await cm.__aenter__()
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            async with asyncio.timeout(self.settings.upstream_first_byte_timeout_s):
+                up = await cm.__aenter__()
+        except aiohttp.ClientConnectionError as exc:
             raise upstream_unreachable(exc) from None
+        except TimeoutError:
+            raise Reply(
+                504,
+                "the model server did not begin answering within "
+                f"{self.settings.upstream_first_byte_timeout_s:g} s "
+                "(setting upstream_first_byte_timeout_s); nothing was charged",
+                code="upstream_timeout",
+                outcome="upstream_timeout",
+            ) from None
         completed = False
         ex.first_byte_ns = time.monotonic_ns()
         ex.status = rec.status = up.status
@@ -415,7 +465,8 @@ class Proxy:
                 if buffered(up):
                     # one JSON object: read it whole, settle, then answer with the charge in
                     # the headers; the caller waits for the whole body anyway
-                    data = await up.content.read()
+                    async with asyncio.timeout(self.settings.upstream_read_timeout_s):
+                        data = await up.content.read()
                     scanner.feed(data)
                     scanner.finish()
                     ex.usage = scanner.usage
@@ -429,7 +480,12 @@ class Proxy:
                     await resp.prepare(request)
                     try:
                         first = True
-                        async for chunk in up.content.iter_any():
+                        content, gap = up.content, self.settings.upstream_read_timeout_s
+                        while True:
+                            async with asyncio.timeout(gap):
+                                chunk = await content.readany()
+                            if not chunk:
+                                break
                             if first:
                                 ex.first_byte_ns, first = time.monotonic_ns(), False
                             out = scanner.feed(chunk)

@@ -75,8 +75,19 @@ class Settings(BaseSettings):
     """Bearer key sent to the upstream instead of the tenant's key (which is never forwarded)."""
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
     """Give up connecting to the upstream after this long (the reservation is released)."""
-    upstream_read_timeout_s: float = Field(600.0, gt=0)
-    """Longest silence allowed from the upstream, including before the first byte (model loads)."""
+    upstream_first_byte_timeout_s: float = Field(600.0, gt=0)
+    """Longest wait for the upstream's response to begin (model loads, non-streaming answers);
+    past it the caller gets 504 and the reservation is released."""
+    upstream_read_timeout_s: float = Field(120.0, gt=0)
+    """Longest silence between two chunks once a response has begun; past it the stream ends
+    with an error line and the work done so far is committed."""
+    client_body_timeout_s: float = Field(60.0, gt=0)
+    """Longest time a caller may take to send a metered request's body (408 beyond)."""
+    max_inflight_per_tenant: int = Field(16, ge=0)
+    """Metered requests one tenant may have running at once (429 beyond; 0 = no limit), so no
+    tenant can fill the upstream's queue on its own."""
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM, how long in-flight requests may finish before they are cut (and settled)."""
 
     # --- ledger, tenants, budgets -----------------------------------------------------------
     db: Path = Field(default_factory=default_db_path)

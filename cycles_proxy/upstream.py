@@ -49,10 +49,15 @@ class Upstream:
         self._prefix = self.base.raw_path.rstrip("/")
         self._origin = str(self.base.origin())
         self._api_key = settings.upstream_api_key
+        # metered requests time their reads themselves (first byte vs between chunks);
+        # pass-through requests get the longer of the two per read
         self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.upstream_connect_timeout_s, sock_read=None
+        )
+        self.passthrough_timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_read_timeout_s,
+            sock_read=max(settings.upstream_first_byte_timeout_s, settings.upstream_read_timeout_s),
         )
         self._session: aiohttp.ClientSession | None = None
 
@@ -113,6 +118,7 @@ class Upstream:
         raw_path_qs: str,
         headers: CIMultiDict[str],
         data: bytes | AsyncIterable[bytes] | Iterable[bytes] | None,
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> Any:
         """An ``aiohttp`` request context manager (use ``async with``)."""
         assert self._session is not None, "Upstream.start() was not awaited"
@@ -123,6 +129,7 @@ class Upstream:
             data=data,
             allow_redirects=False,
             compress=None,
+            timeout=timeout or self._timeout,
         )
 
 
@@ -133,7 +140,9 @@ async def relay_passthrough(request: web.Request, upstream: Upstream) -> web.Str
     if request.body_exists:
         body = request.content
     headers = upstream.request_headers(request.headers, content_length=length)
-    async with upstream.open(request.method, request.raw_path, headers, body) as up:
+    async with upstream.open(
+        request.method, request.raw_path, headers, body, upstream.passthrough_timeout
+    ) as up:
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(Upstream.response_headers(up, keep_length=True))
         await resp.prepare(request)

@@ -817,3 +817,21 @@ async def test_journal_sets_aside_unreadable_records(env: Env) -> None:
     assert (jdir / f"v2-{sha('x')}.json.corrupt").exists()
     assert stat.S_IMODE(os.stat(jdir).st_mode) == 0o700
     env.fake.assert_clean()
+
+
+async def test_from_settings(env: Env) -> None:
+    from cycles_proxy.settings import Settings
+
+    settings = Settings(
+        cycles_base_url=env.server.url,
+        cycles_api_key="key-acme",
+        cycles_tenant_keys={"other": "key-other"},
+    )
+    a = RemoteAuthority.from_settings(settings, journal_dir=env.tmp / "journal")
+    env.made.append(a)
+    await a.start()
+    rid = await reserve(a, 10)
+    await a.commit(rid, idempotency_key="c-settings", actual=Amount(TOK, 10))
+    assert a.pending() == 0
+    assert {r.api_key for r in env.fake.requests} == {"key-acme"}
+    env.fake.assert_clean()

@@ -626,6 +626,44 @@ class RemoteAuthority:
         self._api_key: str | None = None
         self._is_view = False
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Any,
+        *,
+        journal_dir: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> RemoteAuthority:
+        """Build from ``cycles_proxy.settings.Settings``: ``cycles_base_url``,
+        ``cycles_api_key`` (default key), ``cycles_tenant_keys``; optional tuning attributes
+        ``cycles_deadline_s``, ``cycles_settle_deadline_s``, ``cycles_connect_timeout_s``,
+        ``cycles_read_timeout_s``, ``cycles_max_connections``, ``cycles_replay_interval_s``
+        and ``cycles_heartbeat_attempt_timeout_s`` are used when present. ``journal_dir``
+        enables the journal; ``overrides`` are passed to the constructor as is."""
+        base_url = getattr(settings, "cycles_base_url", None)
+        if not base_url:
+            raise ValueError("cycles_base_url is not set")
+        kwargs: dict[str, Any] = {
+            "tenant_keys": dict(getattr(settings, "cycles_tenant_keys", None) or {}),
+            "default_api_key": getattr(settings, "cycles_api_key", None) or None,
+        }
+        for attr, arg in (
+            ("cycles_deadline_s", "deadline_s"),
+            ("cycles_settle_deadline_s", "settle_deadline_s"),
+            ("cycles_connect_timeout_s", "connect_timeout_s"),
+            ("cycles_read_timeout_s", "read_timeout_s"),
+            ("cycles_max_connections", "max_connections"),
+            ("cycles_replay_interval_s", "replay_interval_s"),
+            ("cycles_heartbeat_attempt_timeout_s", "heartbeat_attempt_timeout_s"),
+        ):
+            value = getattr(settings, attr, None)
+            if value is not None:
+                kwargs[arg] = value
+        if journal_dir is not None:
+            kwargs["journal"] = Journal(journal_dir)
+        kwargs.update(overrides)
+        return cls(str(base_url), **kwargs)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
