@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -140,6 +140,7 @@ class Proxy:
         self.unit = settings.unit
         self._background: set[asyncio.Task[Any]] = set()
         self._tenant_inflight: dict[str, int] = {}
+        self.passthrough_keys = settings.remote and settings.cycles_key_passthrough
         self.inflight = 0
 
     # ---------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class Proxy:
             if route.kind is Kind.PUBLIC:
                 rec.outcome = "passthrough"
                 return await self._passthrough(request, rec)
-            tenant = self.identify(request, route)
+            tenant = await self.identify(request, route)
             rec.tenant, rec.key_id = tenant.name, tenant.key_id
             if route.kind is Kind.ADMIN_ONLY and not tenant.is_admin:
                 raise Reply(
@@ -175,7 +176,7 @@ class Proxy:
             rec.duration_ms = (time.perf_counter_ns() - t0) / 1e6
             self.observer.record(rec)
 
-    def identify(self, request: web.Request, route: Route) -> Tenant:
+    async def identify(self, request: web.Request, route: Route) -> Tenant:
         key = extract_key(request.headers)
         if key is None:
             anon = self.settings.anonymous_tenant
@@ -191,6 +192,8 @@ class Proxy:
                 outcome="unauthorized",
             )
         tenant = self.keys.lookup(key)
+        if tenant is None and self.passthrough_keys:
+            tenant = await self._cycles_tenant(key)
         if tenant is None:
             raise Reply(
                 401,
@@ -199,6 +202,51 @@ class Proxy:
                 outcome="unauthorized",
             )
         return tenant
+
+    async def _cycles_tenant(self, key: str) -> Tenant | None:
+        """Pass-through tenancy: the caller's key is a Cycles API key; the server says whose."""
+        try:
+            name = await self.authority.resolve_tenant(key)  # type: ignore[attr-defined]
+        except AuthorityUnavailable:
+            raise Reply(
+                503,
+                "the budget authority is unreachable, so the API key cannot be checked; "
+                "retry shortly",
+                code="budget_authority_unavailable",
+                outcome="authority_unavailable",
+                headers={"Retry-After": "5", "x-should-retry": "false"},
+            ) from None
+        if name is None:
+            return None
+        return replace(self.keys.tenant(name), cycles_key=key)
+
+    def auth(self, tenant: Tenant) -> Authority:
+        """The authority to act for ``tenant`` (a view sending its own key in pass-through)."""
+        if tenant.cycles_key is not None:
+            view: Authority = self.authority.with_api_key(tenant.cycles_key)  # type: ignore[attr-defined]
+            return view
+        return self.authority
+
+    async def keep_alive(self, tenant: Tenant, reservation: Reservation) -> None:
+        """Extend the reservation while a long stream runs (a crash still frees it by TTL)."""
+        auth = self.auth(tenant)
+        ttl = self.settings.reservation_ttl_ms
+        heartbeat = getattr(auth, "heartbeat", None)
+        if heartbeat is not None:  # the remote authority follows the spec's algorithm
+            await heartbeat(reservation, ttl)
+            return
+        assert reservation.reservation_id is not None
+        while True:  # embedded: extending by half the lease every half lease cannot drift
+            await asyncio.sleep(ttl / 2000)
+            try:
+                await auth.extend(
+                    reservation.reservation_id,
+                    idempotency_key=str(uuid.uuid4()),
+                    extend_by_ms=ttl // 2,
+                )
+            except (CyclesError, AuthorityUnavailable) as exc:
+                log.warning("extending %s failed: %s", reservation.reservation_id, exc)
+                return
 
     async def _passthrough(self, request: web.Request, rec: RequestRecord) -> web.StreamResponse:
         try:
@@ -290,11 +338,16 @@ class Proxy:
         body = json.dumps(parsed.body).encode() if edited else raw
         # 7. forward and stream, 8. settle exactly once (even if the caller hangs up)
         m = Metered(tenant, action, parsed, reservation, rec, strip_usage)
+        beat = None
+        if reservation is not None and reservation.reservation_id:
+            beat = asyncio.create_task(self.keep_alive(tenant, reservation))
         self.inflight += 1
         try:
             return await self.forward(request, route, body, m)
         finally:
             self.inflight -= 1
+            if beat is not None:
+                beat.cancel()
             await self.settle_once(m)
 
     async def read_body(self, request: web.Request) -> bytes:
@@ -371,7 +424,7 @@ class Proxy:
             overage_policy=self.settings.overage_policy,
             dry_run=self.settings.failure_policy is FailurePolicy.SHADOW,
         )
-        task = asyncio.ensure_future(self.authority.reserve(req))
+        task = asyncio.ensure_future(self.auth(tenant).reserve(req))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -391,7 +444,7 @@ class Proxy:
     ) -> tuple[Reservation, int] | None:
         """Reserve what the tenant has left if it pays for a useful answer; None if not."""
         try:
-            balances = await self.authority.balances(tenant.subject)
+            balances = await self.auth(tenant).balances(tenant.subject)
         except (CyclesError, AuthorityUnavailable):
             return None
         scopes = set(tenant.subject.scopes())
@@ -672,8 +725,10 @@ class Proxy:
                 rec.settlement = f"failed: {exc.code}"
                 log.error("commit of %s failed: %s", reservation.reservation_id, exc)
         except AuthorityUnavailable as exc:
-            # the remote authority journals undeliverable commits itself
-            rec.settlement = "deferred"
+            # the remote authority journals undeliverable commits and replays them itself
+            rec.settlement = (
+                "journaled" if type(exc).__name__ == "SettlementDeferred" else "deferred"
+            )
             log.error("commit of %s deferred: %s", reservation.reservation_id, exc)
 
     async def _release(self, reservation: Reservation, reason: str, rec: RequestRecord) -> None:
@@ -698,7 +753,7 @@ class Proxy:
         key: str | None = None,
     ) -> None:
         try:
-            result = await self.authority.event(
+            result = await self.auth(tenant).event(
                 idempotency_key=key or str(uuid.uuid4()),
                 subject=tenant.subject,
                 action=action,

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     failure_policy: FailurePolicy = FailurePolicy.FAIL_CLOSED
     """When the authority is unreachable: fail_closed (503), fail_open (run, settle later),
     or shadow (never block; would-be denials are only logged)."""
+    cycles_deadline_s: float = Field(5.0, gt=0)
+    """Total time one reserve/release/balances call may take, retries included."""
+    cycles_settle_deadline_s: float = Field(15.0, gt=0)
+    """Total time one commit may take, retries included, before it is journaled for later."""
+    cycles_connect_timeout_s: float = Field(2.0, gt=0)
+    cycles_read_timeout_s: float = Field(5.0, gt=0)
     journal_dir: Path | None = None
     """Where undeliverable spend is journaled (default: next to the ledger file)."""
 

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cycles_proxy.authority.base import Subject
@@ -53,6 +53,8 @@ class Tenant:
     role: str
     key_id: str | None
     subject: Subject
+    #: pass-through tenancy: the caller's own Cycles API key (never logged: repr=False)
+    cycles_key: str | None = field(default=None, repr=False)
 
     @property
     def is_admin(self) -> bool:

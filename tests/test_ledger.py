@@ -362,10 +362,7 @@ def test_commit_below_estimate_releases_the_rest(ledger: Ledger, db: Path) -> No
     assert c.released == Amount(CR, 70)
     assert amounts(bal(ledger, "tenant:acme")) == (30, 0, 0, 970)
     assert amounts(bal(ledger, "tenant:acme/app:bot")) == (30, 0, 0, 470)
-    assert [(b.scope, b.spent) for b in c.balances] == [
-        ("tenant:acme", 30),
-        ("tenant:acme/app:bot", 30),
-    ]
+    assert c.balances == (bal(ledger, "tenant:acme"), bal(ledger, "tenant:acme/app:bot"))
     rec = ledger.get_reservation(r.reservation_id or "")
     assert rec is not None
     assert rec.status is ReservationStatus.COMMITTED
@@ -410,6 +407,21 @@ def test_commit_allow_if_available_caps_at_minimum_remaining(ledger: Ledger) -> 
     assert amounts(app) == (300, 0, 0, 0) and app.is_over_limit
     refused(ErrorCode.OVERDRAFT_LIMIT_EXCEEDED, ledger.reserve, rreq(1, ACME_BOT))
     ledger.reserve(rreq(1, ACME))  # the tenant scope alone is fine
+
+
+def test_commit_allow_if_available_caps_at_the_smallest_of_several_short_scopes(
+    ledger: Ledger,
+) -> None:
+    ledger.set_budget("tenant:acme", CR, 1_000)
+    ledger.set_budget("tenant:acme/app:bot", CR, 180)
+    ledger.event(idempotency_key=key(), subject=ACME, action=ACT, actual=Amount(CR, 840))
+    r = ledger.reserve(rreq(100, ACME_BOT))  # remaining: tenant 60, app 80
+    c = commit(ledger, r.reservation_id, 250)  # delta 150 -> capped at 60
+    assert c.charged == Amount(CR, 160)
+    tenant, app = bal(ledger, "tenant:acme"), bal(ledger, "tenant:acme/app:bot")
+    assert amounts(tenant) == (1_000, 0, 0, 0) and tenant.is_over_limit
+    assert amounts(app) == (160, 0, 0, 20) and app.is_over_limit
+    assert c.balances == (tenant, app)
 
 
 def test_commit_allow_with_overdraft_accrues_debt(ledger: Ledger) -> None:
@@ -480,6 +492,7 @@ def test_release_returns_the_reservation(ledger: Ledger) -> None:
     rid = r.reservation_id or ""
     rel = ledger.release(rid, idempotency_key=key(), reason="upstream unreachable")
     assert rel.released == Amount(CR, 100)
+    assert rel.balances == (bal(ledger, "tenant:acme"), bal(ledger, "tenant:acme/app:bot"))
     assert amounts(bal(ledger, "tenant:acme")) == (0, 0, 0, 1_000)
     assert amounts(bal(ledger, "tenant:acme/app:bot")) == (0, 0, 0, 500)
     rec = ledger.get_reservation(rid)
@@ -568,11 +581,14 @@ def test_sweep_expires_after_ttl_plus_grace(ledger: Ledger, clock: Clock) -> Non
 def test_commit_after_grace_expires_without_a_sweep(ledger: Ledger, clock: Clock) -> None:
     ledger.set_budget("tenant:acme", CR, 1_000)
     rid = ledger.reserve(rreq(100, ttl_ms=1_000, grace_period_ms=0)).reservation_id or ""
-    clock.advance(1_001)
+    last_moment = ledger.reserve(rreq(10, ttl_ms=1_000, grace_period_ms=0)).reservation_id
+    clock.advance(1_000)  # expires_at + grace is still inside the window
+    assert commit(ledger, last_moment, 10).charged == Amount(CR, 10)
+    clock.advance(1)
     err = refused(ErrorCode.RESERVATION_EXPIRED, commit, ledger, rid, 100)
     assert err.http_status == 410
     # The overdue reservation was expired on the spot: its amount is back, nothing charged.
-    assert amounts(bal(ledger, "tenant:acme")) == (0, 0, 0, 1_000)
+    assert amounts(bal(ledger, "tenant:acme")) == (10, 0, 0, 990)
     rec = ledger.get_reservation(rid)
     assert rec is not None and rec.status is ReservationStatus.EXPIRED
     assert ledger.sweep_expired() == 0
@@ -788,9 +804,14 @@ def test_daily_period_refills_and_tells_when(ledger: Ledger, clock: Clock) -> No
 
 def test_period_roll_clears_debt_and_over_limit(ledger: Ledger, clock: Clock) -> None:
     ledger.set_budget("tenant:acme", CR, 100, period="daily")
+    ledger.set_budget("tenant:globex", CR, 100, period="daily", overdraft_limit=50)
     commit(ledger, ledger.reserve(rreq(100)).reservation_id, 150)
     b = bal(ledger, "tenant:acme")
     assert b.is_over_limit
+    globex = Subject(tenant="globex")
+    awo = OveragePolicy.ALLOW_WITH_OVERDRAFT
+    commit(ledger, ledger.reserve(rreq(100, globex, overage_policy=awo)).reservation_id, 130)
+    assert amounts(bal(ledger, "tenant:globex")) == (100, 0, 30, -30)
     err = refused(ErrorCode.OVERDRAFT_LIMIT_EXCEEDED, ledger.reserve, rreq(1))
     assert err.retry_after_s == 43_200
     clock.now = utc_ms(2026, 3, 13, 8)  # more than one period later
@@ -798,6 +819,8 @@ def test_period_roll_clears_debt_and_over_limit(ledger: Ledger, clock: Clock) ->
     assert amounts(b) == (0, 0, 0, 100) and not b.is_over_limit
     assert b.period_ends_at_ms == utc_ms(2026, 3, 14)
     ledger.reserve(rreq(100))
+    assert amounts(bal(ledger, "tenant:globex")) == (0, 0, 0, 100)
+    ledger.reserve(rreq(100, globex))
 
 
 def test_debt_outstanding_carries_retry_after(ledger: Ledger) -> None:
@@ -1062,8 +1085,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger = Ledger(self.db, clock_ms=self.clock)
         self.active: dict[str, tuple[int, tuple[str, ...]]] = {}  # id -> (amount, scopes)
         self.charged = dict.fromkeys(self.SCOPES, 0)
-        self.last: tuple[Balance, ...] = ()
-        self.reject_only = True
+        self.reject_only = True  # no overage was let through and no allocation changed
+        self.nonnegative = True  # no overdraft was used and no allocation changed
 
     @initialize(
         tenant=st.integers(0, 2_000),
@@ -1074,7 +1097,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.set_budget("tenant:acme", CR, tenant, overdraft_limit=limit)
         self.ledger.set_budget("tenant:acme/app:bot", CR, app, overdraft_limit=limit)
 
-    def _scopes(self, subject: Subject) -> tuple[str, ...]:
+    def _scopes(self, subject: Subject) -> tuple[str, ...]:  # the budgeted ones
         return tuple(s for s in subject.scopes() if s in self.SCOPES)
 
     @rule(
@@ -1098,7 +1121,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         assert r.reservation_id is not None
         self.active[r.reservation_id] = (amount, self._scopes(subject))
-        self.last = r.balances
+        self._returned(r.balances)
 
     @precondition(lambda self: bool(self.active))
     @rule(data=st.data(), actual=st.integers(0, 900))
@@ -1118,12 +1141,14 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         if rec.overage_policy is not OveragePolicy.REJECT and actual > amount:
             self.reject_only = False
+            if rec.overage_policy is OveragePolicy.ALLOW_WITH_OVERDRAFT:
+                self.nonnegative = False
         del self.active[rid]
         assert c.charged.amount <= actual
         assert c.charged.amount + c.released.amount >= min(actual, amount)
         for s in scopes:
             self.charged[s] += c.charged.amount
-        self.last = c.balances
+        self._returned(c.balances)
 
     @precondition(lambda self: bool(self.active))
     @rule(data=st.data())
@@ -1135,7 +1160,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert exc.code is ErrorCode.RESERVATION_EXPIRED
         else:
             assert rel.released.amount == self.active[rid][0]
-            self.last = rel.balances
+            self._returned(rel.balances)
         del self.active[rid]
 
     @precondition(lambda self: bool(self.active))
@@ -1169,10 +1194,10 @@ class LedgerMachine(RuleBasedStateMachine):
         if policy is not OveragePolicy.REJECT and ev.charged.amount != amount:
             self.reject_only = False
         if policy is OveragePolicy.ALLOW_WITH_OVERDRAFT:
-            self.reject_only = False
+            self.reject_only = self.nonnegative = False
         for s in self._scopes(subject):
             self.charged[s] += ev.charged.amount
-        self.last = ev.balances
+        self._returned(ev.balances)
 
     @rule(ms=st.integers(0, 4_000))
     def time_passes(self, ms: int) -> None:
@@ -1191,7 +1216,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def fund(self, scope: str, allocated: int) -> None:
         current = bal(self.ledger, scope)
         self.ledger.set_budget(scope, CR, allocated, overdraft_limit=current.overdraft_limit)
-        self.reject_only = False
+        self.reject_only = self.nonnegative = False
 
     @invariant()
     def books_balance(self) -> None:
@@ -1222,8 +1247,14 @@ class LedgerMachine(RuleBasedStateMachine):
             assert spent + debt == self.charged[scope]
             if self.reject_only:
                 assert spent <= allocated
-        for b in self.last:
-            assert b.remaining == b.allocated - b.spent - b.reserved - b.debt
+            if self.nonnegative:
+                assert b.remaining >= 0
+
+    def _returned(self, balances: tuple[Balance, ...]) -> None:
+        """What an operation returns is what is now stored."""
+        assert balances
+        for b in balances:
+            assert bal(self.ledger, b.scope) == b
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -1234,8 +1265,8 @@ def test_ledger_identity_under_random_operations() -> None:
     run_state_machine_as_test(
         LedgerMachine,
         settings=settings(
-            max_examples=60,
-            stateful_step_count=30,
+            max_examples=80,
+            stateful_step_count=35,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
         ),
@@ -1363,5 +1394,32 @@ async def test_sqlite_failures_surface_as_authority_unavailable(db: Path) -> Non
         )
         assert isinstance(results[0], AuthorityUnavailable)
         assert not isinstance(results[1], BaseException)
+    finally:
+        await auth.close()
+
+
+async def test_a_failed_call_in_a_group_commit_leaves_no_trace(db: Path) -> None:
+    """Calls queued together share one transaction; one that fails midway is rolled back to
+    its savepoint while the others of the batch are committed."""
+    auth = EmbeddedAuthority(db, sweep_interval_s=0)
+    try:
+        await auth.call(auth.ledger.set_budget, "tenant:acme", CR, 100)
+
+        def write_then_fail() -> None:
+            with auth.ledger._tx() as con:
+                con.execute("UPDATE budgets SET allocated = 0")
+                raise RuntimeError("half done")
+
+        busy = asyncio.ensure_future(auth.call(time.sleep, 0.2))  # queue up behind this
+        await asyncio.sleep(0.05)
+        before = asyncio.ensure_future(auth.reserve(rreq(10)))
+        failing = asyncio.ensure_future(auth.call(write_then_fail))
+        after = asyncio.ensure_future(auth.reserve(rreq(20)))
+        await busy
+        with pytest.raises(RuntimeError, match="half done"):
+            await failing
+        assert (await before).reservation_id and (await after).reservation_id
+        [b] = await auth.balances(ACME)
+        assert (b.allocated, b.reserved) == (100, 30)
     finally:
         await auth.close()
