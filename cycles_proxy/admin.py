@@ -444,6 +444,7 @@ h2 {{ font-size: 16px; margin: 0 0 8px; }}
 .swatch {{ display: inline-block; width: 10px; height: 10px; margin-right: 3px; }}
 table {{ border-collapse: collapse; margin: 8px 0; }}
 th, td {{ text-align: right; padding: 2px 10px; border-bottom: 1px solid #eee; }}
+th[colspan] {{ text-align: center; color: #555; font-weight: normal; }}
 th:first-child, td:first-child {{ text-align: left; }}
 .warn {{ color: #a94442; }}
 .muted {{ color: #777; }}
@@ -513,6 +514,8 @@ def _budget_html(row: BudgetRow) -> str:
         extra.append(row.status.lower())
     if b.is_over_limit:
         extra.append("over limit")
+    if b.allocated > 0:
+        extra.insert(0, f"{max(0, b.remaining) * 100 // b.allocated}% left")
     small = f" <small>({_e(', '.join(extra))})</small>" if extra else ""
     label = (
         f"{b.scope}: spent {format_amount(spent, unit)}, reserved "
@@ -530,16 +533,24 @@ def _budget_html(row: BudgetRow) -> str:
 def _models_html(t: TenantView) -> str:
     if not t.models:
         return '<p class="muted">no spend in this window</p>'
-    head = (
-        "<tr><th>model</th><th>requests today</th><th>spent today</th>"
-        f"<th>requests, {_e(t.period_label)}</th><th>spent, {_e(t.period_label)}</th>"
-        "<th>GPU seconds</th><th>tokens in / out</th></tr>"
+    # a daily budget's period is today: one group of columns says it all
+    today = not t.period_label.startswith("this day")
+    groups = (
+        '<th colspan="2">today</th>' if today else ""
+    ) + f'<th colspan="4">{_e(t.period_label)}</th>'
+    cols = ("<th>requests</th><th>spent</th>" if today else "") + (
+        "<th>requests</th><th>spent</th><th>GPU seconds</th><th>tokens in / out</th>"
     )
+    head = f"<tr><th></th>{groups}</tr><tr><th>model</th>{cols}</tr>"
     body = "".join(
-        f"<tr><td>{_e(m.model)}</td><td>{m.requests_today:,}</td>"
-        f"<td>{_e(format_amount(m.cost_today, m.unit))}</td>"
-        f"<td>{m.requests_period:,}</td><td>{_e(format_amount(m.cost_period, m.unit))}</td>"
-        f"<td>{m.gpu_seconds_period:,.1f}</td>"
+        f"<tr><td>{_e(m.model)}</td>"
+        + (
+            f"<td>{m.requests_today:,}</td><td>{_e(format_amount(m.cost_today, m.unit))}</td>"
+            if today
+            else ""
+        )
+        + f"<td>{m.requests_period:,}</td><td>{_e(format_amount(m.cost_period, m.unit))}</td>"
+        f"<td>{m.gpu_seconds_period:,.2f}</td>"
         f"<td>{m.tokens_input_period:,} / {m.tokens_output_period:,}</td></tr>"
         for m in t.models
     )
