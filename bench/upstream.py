@@ -28,7 +28,7 @@ import json
 import re
 import signal
 import time
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from bench.httpwire import BodyReader, Head, chunk, install_uvloop, parse_head
 
@@ -70,7 +70,11 @@ def _ollama_metrics(n: int, elapsed_ns: int) -> dict[str, Any]:
 
 
 def _usage(n: int) -> dict[str, int]:
-    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": n,
+        "total_tokens": PROMPT_TOKENS + n,
+    }
 
 
 class Dialect:
@@ -251,7 +255,12 @@ class Stream:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    stats = {"connections": 0, "requests": 0, "streams": 0, "aborted_streams": 0}
+    stats: ClassVar[dict[str, int]] = {
+        "connections": 0,
+        "requests": 0,
+        "streams": 0,
+        "aborted_streams": 0,
+    }
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -372,7 +381,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif p.endswith("/api/version"):
             body = _dumps({"version": "0.0.0-bench"})
         elif p.rstrip("/") == "" or p == "/":
-            self.write(_response("200 OK", b"text/plain; charset=utf-8", b"Ollama is running", close))
+            self.write(
+                _response("200 OK", b"text/plain; charset=utf-8", b"Ollama is running", close)
+            )
             if close:
                 self._close()
             return

@@ -292,7 +292,11 @@ class Admin:
             for r in t.budgets:
                 if r.balance.scope == f"tenant:{name}" and r.period:
                     start = _period_start(r.period, now_ms)
-                    t.period_label = f"this {_PERIOD_NOUN[r.period]} (since {_day(start)})"
+                    t.period_label = (
+                        "today"
+                        if r.period == "daily"
+                        else f"this {_PERIOD_NOUN[r.period]} (since {_day(start)})"
+                    )
                     break
             windows[name] = start
         notes: list[str] = []
@@ -421,7 +425,7 @@ RESERVED_COLOR = "#e67e22"
 REMAINING_COLOR = "#27ae60"
 DEBT_COLOR = "#6c3483"
 
-_PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}
+_PERIOD_NOUN = {"weekly": "week", "monthly": "month"}
 
 _CSS = f"""
 body {{ font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px;
@@ -534,7 +538,7 @@ def _models_html(t: TenantView) -> str:
     if not t.models:
         return '<p class="muted">no spend in this window</p>'
     # a daily budget's period is today: one group of columns says it all
-    today = not t.period_label.startswith("this day")
+    today = t.period_label != "today"
     groups = (
         '<th colspan="2">today</th>' if today else ""
     ) + f'<th colspan="4">{_e(t.period_label)}</th>'

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS model_rates (
     model                TEXT PRIMARY KEY,
     prefill_ns_per_token REAL NOT NULL,
     decode_ns_per_token  REAL NOT NULL,
+    overhead_ns          REAL NOT NULL,
     samples              INTEGER NOT NULL,
     lengths              TEXT NOT NULL,
     updated_ms           INTEGER NOT NULL
@@ -45,6 +46,8 @@ CREATE TABLE IF NOT EXISTS model_rates (
 class ModelRates:
     prefill_ns_per_token: float
     decode_ns_per_token: float
+    #: billed time beyond prefill and decode (model loads, wall-time overheads)
+    overhead_ns: float = 0.0
     samples: int = 0
     lengths: deque[int] = field(default_factory=lambda: deque(maxlen=LENGTH_WINDOW))
 
@@ -103,20 +106,21 @@ class Estimator:
                 tokens_out = typical if typical is not None else DEFAULT_OUTPUT_TOKENS
             prefill = rates.prefill_ns_per_token * self.safety
             decode = rates.decode_ns_per_token * self.safety
+            overhead = rates.overhead_ns * self.safety
             source = "learned"
         else:
             tokens_out = DEFAULT_OUTPUT_TOKENS if max_output_tokens is None else max_output_tokens
             # the prior: the default duration pays for a default-length answer
-            prefill = 0.0
+            prefill = overhead = 0.0
             decode = self._default_ns / DEFAULT_OUTPUT_TOKENS
             source = "default"
-        base = _cost(price, tokens_in * prefill, tokens_in, 0)
+        base = _cost(price, overhead + tokens_in * prefill, tokens_in, 0)
         per_token = _cost(price, decode, 0, 1)
         if source == "default":
             # nothing learned: the configured default duration, whatever the requested length
             gpu_ns = float(self._default_ns)
         else:
-            gpu_ns = tokens_in * prefill + tokens_out * decode
+            gpu_ns = overhead + tokens_in * prefill + tokens_out * decode
         gpu_ns = min(gpu_ns, float(self._max_ns))
         amount = max(1, math.ceil(_cost(price, gpu_ns, tokens_in, tokens_out)))
         return Estimate(amount, tokens_in, tokens_out, source, base, per_token)
@@ -136,8 +140,10 @@ class Estimator:
         tokens_out: int | None,
         prompt_ns: int | None,
         eval_ns: int | None,
+        billed_ns: int | None = None,
     ) -> None:
-        """Learn from one completed request whose upstream reported its own timings."""
+        """Learn from one completed request whose upstream reported its own timings
+        (``billed_ns``: the GPU time actually billed, which may include load time)."""
         if not self.learn or tokens_out is None:
             return
         rates = self._rates.get(model)
@@ -155,6 +161,11 @@ class Estimator:
                     if rates.decode_ns_per_token == 0.0:
                         rates.decode_ns_per_token = dec
                     rates.decode_ns_per_token += ALPHA * (dec - rates.decode_ns_per_token)
+            if billed_ns is not None:
+                extra = max(0.0, billed_ns - (prompt_ns or 0) - (eval_ns or 0))
+                if rates.samples == 0:
+                    rates.overhead_ns = extra
+                rates.overhead_ns += ALPHA * (extra - rates.overhead_ns)
             rates.samples += 1
             rates.lengths.append(tokens_out)
             self._dirty.add(model)
@@ -166,9 +177,10 @@ class Estimator:
     def _load(self, path: Path) -> None:
         db = _connect(path)
         try:
-            for model, pre, dec, samples, lengths, _ in db.execute("SELECT * FROM model_rates"):
+            rows = db.execute("SELECT * FROM model_rates")
+            for model, pre, dec, overhead, samples, lengths, _ in rows:
                 lens = deque((int(x) for x in lengths.split(",") if x), maxlen=LENGTH_WINDOW)
-                self._rates[model] = ModelRates(pre, dec, samples, lens)
+                self._rates[model] = ModelRates(pre, dec, overhead, samples, lens)
         finally:
             db.close()
 
@@ -182,6 +194,7 @@ class Estimator:
                     m,
                     r.prefill_ns_per_token,
                     r.decode_ns_per_token,
+                    r.overhead_ns,
                     r.samples,
                     ",".join(map(str, r.lengths)),
                     int(time.time() * 1000),
@@ -192,7 +205,7 @@ class Estimator:
             self._dirty.clear()
         db = _connect(self._db_path)
         try:
-            db.executemany("INSERT OR REPLACE INTO model_rates VALUES (?,?,?,?,?,?)", rows)
+            db.executemany("INSERT OR REPLACE INTO model_rates VALUES (?,?,?,?,?,?,?)", rows)
         finally:
             db.close()
         return len(rows)

@@ -661,6 +661,7 @@ class Proxy:
                 tokens_out=usage.tokens_output,
                 prompt_ns=usage.reported_prompt_ns,
                 eval_ns=usage.reported_eval_ns,
+                billed_ns=gpu_ns,
             )
         if reservation is None or not reservation.reservation_id:
             await self._event(tenant, action, actual, metrics, rec)

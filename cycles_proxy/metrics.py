@@ -573,9 +573,17 @@ class InstrumentedAuthority:
         return res
 
 
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+
+
 def metric_names(registry: CollectorRegistry) -> Iterator[str]:
-    """Every sample name the registry can expose (for dashboards and tests)."""
+    """Every series name the registry can expose, labelled children or not (for checking that
+    dashboards and alert rules only use metrics that exist)."""
     for family in registry.collect():
-        yield family.name
-        for s in family.samples:
-            yield s.name
+        for suffix in _SUFFIXES.get(family.type, ("",)):
+            yield family.name + suffix
