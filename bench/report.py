@@ -319,6 +319,9 @@ def render(data: dict[str, Any]) -> str:
         "[bench/README.md](README.md). Profile findings and the before/after of proposed "
         "fixes: [bench/PROFILE.md](PROFILE.md).",
         "",
+        f"cycles-proxy under test: {env.get('cycles-proxy', '?')}, "
+        f"{meta.get('cycles_src', 'from the working tree')}.",
+        "",
         "**Added** = target minus direct at the same percentile (a target's p99 minus direct's "
         "p99), as ai-gateway-bench reports it; values in milliseconds.",
         "",
@@ -342,6 +345,19 @@ def render(data: dict[str, Any]) -> str:
     for name, goal, got, ok in verdicts(data):
         L.append(f"| {name} | {goal} | {got} | {'yes' if ok else '**no**'} |")
     L += [""]
+    for extra in [t for t in targets_in(data) if t not in ORDER]:
+        L += [
+            f"### The same targets for `{extra}` ({data['targets'][extra]['label']})",
+            "",
+            "An experiment measured in the same run: the proposed changes of "
+            "[PROFILE.md](PROFILE.md) applied to a copy of the code under test.",
+            "",
+            "| target (issue 7) | goal | measured | met? |",
+            "|---|---|---|---|",
+        ]
+        for name, goal, got, ok in verdicts(data, extra):
+            L.append(f"| {name} | {goal} | {got} | {'yes' if ok else '**no**'} |")
+        L += [""]
     L += [
         "## 1. Added latency, non-streaming (`POST /v1/chat/completions`, 16-token answer)",
         "",

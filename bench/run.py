@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from bench.targets import (
     Target,
     cpu_ticks,
     free_port,
-    make_ledger,
     python_argv,
+    read_key,
     rss_kb,
     spawn,
     start_litellm,
@@ -59,8 +59,8 @@ class Scenario:
     duration: float
     rounds: int
     stream: bool = False
-    #: target names this scenario runs on (None: every target that speaks the dialect)
-    only: tuple[str, ...] | None = None
+    #: targets this scenario leaves out
+    skip: tuple[str, ...] = ()
 
 
 def body_for(s: Scenario) -> str:
@@ -86,17 +86,9 @@ def scenarios(scale: float, access_log_variant: bool) -> list[Scenario]:
     def d(x: float) -> float:
         return max(1.0, x * scale)
 
-    log_only = ("cycles-embedded-nolog",) if access_log_variant else ()
-    lat_targets = (
-        "direct",
-        "nginx",
-        "cycles-pass",
-        "cycles-embedded",
-        "cycles-remote",
-        "litellm",
-        *log_only,
-    )
-    return [
+    # the access-log-off variant only where it tells something: c=1 latency and saturation
+    no_log = ("cycles-embedded-nolog",)
+    plan = [
         Scenario(
             "lat-c1",
             "non-streaming, c=1",
@@ -108,7 +100,6 @@ def scenarios(scale: float, access_log_variant: bool) -> list[Scenario]:
             20,
             d(4),
             3,
-            only=lat_targets,
         ),
         Scenario(
             "lat-c16",
@@ -222,7 +213,6 @@ def scenarios(scale: float, access_log_variant: bool) -> list[Scenario]:
             0,
             d(5),
             2,
-            only=lat_targets,
         ),
         Scenario(
             "hold",
@@ -238,6 +228,7 @@ def scenarios(scale: float, access_log_variant: bool) -> list[Scenario]:
             stream=True,
         ),
     ]
+    return [s if s.key in ("lat-c1", "wrk") else replace(s, skip=no_log) for s in plan]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,20 +327,19 @@ class Bench:
             assert litellm.proc is not None
             self.procs.append(litellm.proc)
         upstream_url = f"http://127.0.0.1:{up_port}"
-        src = Path(self.args.cycles_src) if self.args.cycles_src else None
+        src = Path(self.args.cycles_src) if self.args.cycles_src else self.snapshot()
 
         def cycles(
             name: str,
             label: str,
             *extra: str,
             prefix: str = "",
-            budget: bool = True,
             source: Path | None = src,
         ) -> None:
             if not wanted(name):
                 return
             db = w / f"{name}.db"
-            key = make_ledger(db, budget=budget)
+            key_file = w / f"{name}.key"
             port = free_port()
             argv = python_argv(
                 "bench.serve_cycles",
@@ -359,11 +349,14 @@ class Bench:
                 upstream_url,
                 "--db",
                 str(db),
+                "--bootstrap",
+                str(key_file),
                 *extra,
                 src=source,
             )
             proc = spawn(name, argv, w, nice=self.nice)
             self.procs.append(proc)
+            key = read_key(key_file, proc.popen)
             self.targets[name] = Target(
                 name,
                 label,
@@ -400,6 +393,7 @@ class Bench:
                     CYCLES_KEY,
                     "--tenant",
                     TENANT,
+                    src=src,
                 ),
                 w,
                 nice=self.nice,
@@ -415,14 +409,15 @@ class Bench:
                 f"http://127.0.0.1:{cport}",
                 "--cycles-key",
                 CYCLES_KEY,
-                budget=False,
             )
         for extra in self.args.extra_cycles:
-            name, _, path = extra.partition("=")
+            name, _, rest = extra.partition("=")
+            path, *flags = rest.split(",")
             cycles(
                 f"cycles-{name}",
-                f"cycles-proxy metered, embedded ({name}: {path})",
-                source=Path(path),
+                f"cycles-proxy metered, embedded ({name}: {rest})",
+                *flags,
+                source=Path(path) if path else src,
             )
         if litellm is not None:
             self.targets["litellm"] = litellm
@@ -432,6 +427,17 @@ class Bench:
         if litellm is not None:
             wait_http(f"http://127.0.0.1:{litellm.port}/health/liveliness", 120, litellm.proc)
         self.verify()
+
+    def snapshot(self) -> Path:
+        """A copy of cycles_proxy/ as it is now: others may edit the tree during the run."""
+        dest = self.workdir / "src"
+        shutil.copytree(
+            ROOT / "cycles_proxy",
+            dest / "cycles_proxy",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        self.meta["cycles_src"] = f"snapshot of the working tree at {time.strftime('%H:%M:%S')}"
+        return dest
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -531,7 +537,7 @@ class Bench:
         }
 
     def measure(self, t: Target, s: Scenario, rnd: int) -> None:
-        if s.only is not None and t.name not in s.only:
+        if t.name in s.skip:
             return
         if s.dialect == "ollama" and not t.ollama:
             return
@@ -631,6 +637,9 @@ def environment() -> dict[str, str]:
         pass
     git = cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "cycles_proxy"])
+    changed = ", ".join(
+        line.split("cycles_proxy/", 1)[-1] for line in dirty.splitlines() if "cycles_proxy/" in line
+    )
     return {
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
@@ -642,7 +651,8 @@ def environment() -> dict[str, str]:
         "nginx": cmd_out(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": cmd_out(["wrk", "-v"]).splitlines()[0] if shutil.which("wrk") else "not found",
         "litellm": litellm_v[-1] if litellm_v else "not found",
-        "cycles-proxy": f"git {git}" + (" + uncommitted changes in cycles_proxy/" if dirty else ""),
+        "cycles-proxy": f"git {git}"
+        + (f" + uncommitted changes in cycles_proxy/ ({changed})" if dirty else ""),
     }
 
 
@@ -660,13 +670,17 @@ def main() -> None:
         default=True,
         help="also run cycles-proxy (embedded) with access_log=false",
     )
-    p.add_argument("--cycles-src", help="run cycles-proxy from this source tree instead")
+    p.add_argument(
+        "--cycles-src",
+        help="run cycles-proxy from this source tree (default: a snapshot of cycles_proxy/)",
+    )
     p.add_argument(
         "--extra-cycles",
         action="append",
         default=[],
-        metavar="NAME=SRC",
-        help="an extra embedded cycles-proxy target run from another source tree",
+        metavar="NAME=SRC[,FLAG...]",
+        help="an extra metered (embedded) cycles-proxy target from another source tree (empty: "
+        "the same one) with extra bench.serve_cycles flags, e.g. uvloop=,--uvloop",
     )
     p.add_argument(
         "--nice",

@@ -20,16 +20,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cycles_proxy.authority.base import Unit
-from cycles_proxy.authority.embedded import Ledger
-from cycles_proxy.tenants import KeyStore
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".venv-bench"
 LITELLM_KEY = "sk-bench-" + "0123456789abcdef" * 2
 CYCLES_KEY = "bench-cycles-key"
 TENANT = "bench"
-BUDGET = 10**15  # USD microcents: ten million dollars, never the limit
 PASSTHROUGH_PREFIX = "/bench-passthrough"
 
 
@@ -37,6 +32,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def read_key(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> str:
+    """The tenant key a ``serve_cycles --bootstrap`` process writes before it listens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"no key in {path}")
 
 
 def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -168,20 +175,6 @@ class Target:
 
     def pids(self) -> list[int]:
         return self.proc.pids() if self.proc is not None else []
-
-
-def make_ledger(db: Path, *, budget: bool = True) -> str:
-    """A fresh ledger file with one tenant key (and a budget); returns the key."""
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    store = KeyStore(db)
-    key, _ = store.create(TENANT, label="bench")
-    store.close()
-    if budget:
-        ledger = Ledger(db)
-        ledger.set_budget(f"tenant:{TENANT}", Unit.USD_MICROCENTS, BUDGET)
-        ledger.close()
-    return key
 
 
 NGINX_CONF = """\

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from cycles_proxy import __version__
 from cycles_proxy.authority.base import (
@@ -192,14 +193,29 @@ class Admin:
         return probe
 
     async def _probe_remote(self) -> Probe:
-        base = self.settings.cycles_base_url
-        # no key: any answer (401 included) proves the server is there
+        s = self.settings
+        base = s.cycles_base_url
+        assert base is not None
+        # a cheap authenticated read (what the Cycles spec allows), with the first key we have
+        params = {"limit": "1"}
+        key = s.cycles_api_key
+        if key is None and s.cycles_tenant_keys:
+            tenant, key = next(iter(sorted(s.cycles_tenant_keys.items())))
+            params["tenant"] = tenant
         try:
+            if key is None:  # callers bring their own keys: can we connect at all?
+                url = URL(base)
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    _, writer = await asyncio.open_connection(url.host, url.port)
+                writer.close()
+                return Probe(True, f"Cycles server {base} accepts connections")
             async with self.session().get(
-                f"{base}/v1/balances", params={"tenant": "readyz-probe"}
+                f"{base}/v1/reservations", params=params, headers={"X-Cycles-API-Key": key}
             ) as resp:
                 if resp.status >= 500:
                     return Probe(False, f"Cycles server {base} answered HTTP {resp.status}")
+                if resp.status == 401:
+                    return Probe(False, f"Cycles server {base} rejects the configured API key")
                 return Probe(True, f"Cycles server {base} answers")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Probe(False, f"Cycles server {base} unreachable: {_describe(exc)}")

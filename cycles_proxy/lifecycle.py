@@ -42,12 +42,10 @@ from cycles_proxy.pricing import CHARS_PER_TOKEN, Pricing
 from cycles_proxy.routes import Dialect, Kind, Route, classify
 from cycles_proxy.settings import FailurePolicy, Settings
 from cycles_proxy.tenants import KeyStore, Tenant, extract_key
-from cycles_proxy.upstream import Upstream, relay_passthrough
+from cycles_proxy.upstream import Upstream, cut_transfer, origin_form, relay_passthrough
 
 log = logging.getLogger("cycles_proxy")
 
-#: upstream statuses that mean "refused before doing any work": the reservation is released
-NO_WORK_STATUSES = frozenset({503}) | frozenset(range(400, 500))
 _UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
 
 
@@ -251,8 +249,8 @@ class Proxy:
     async def _passthrough(self, request: web.Request, rec: RequestRecord) -> web.StreamResponse:
         try:
             resp = await relay_passthrough(request, self.upstream)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-            raise upstream_unreachable(exc) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:  # before the response began
+            raise upstream_failed(exc, self.settings) from None
         rec.status = resp.status
         return resp
 
@@ -359,6 +357,18 @@ class Proxy:
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise body_too_large(limit) from None
+        except web.RequestPayloadError as exc:  # e.g. not the gzip its Content-Encoding says
+            cause = exc.__cause__ or exc
+            detail = getattr(cause, "message", "") or str(cause) or type(cause).__name__
+            encoding = request.headers.get("Content-Encoding")
+            raise Reply(
+                400,
+                "the request body could not be read"
+                + (f" (Content-Encoding: {encoding})" if encoding else "")
+                + f": {detail}",
+                code="invalid_request",
+                outcome="bad_request",
+            ) from None
         except TimeoutError:
             raise Reply(
                 408,
@@ -428,8 +438,11 @@ class Proxy:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # the caller left while we reserved: give back whatever was granted
+            # the caller left while we reserved: give back whatever was granted (tracked, so
+            # that shutdown waits for the grant and its release before closing the ledger)
             task.add_done_callback(self._release_orphan)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             raise
 
     def _may_degrade(self, parsed: ParsedRequest, est: Estimate) -> bool:
@@ -484,16 +497,16 @@ class Proxy:
     ) -> web.StreamResponse:
         ex, rec = m.ex, m.rec
         headers = self.upstream.request_headers(
-            request.headers, content_length=len(body), identity=True
+            request.headers, content_length=len(body), identity=True, decoded_body=True
         )
         ex.sent_ns = time.monotonic_ns()
         ex.alone = self.inflight <= 1
-        cm = self.upstream.open("POST", request.raw_path, headers, body)
+        cm = self.upstream.open("POST", origin_form(request), headers, body)
         try:
             async with asyncio.timeout(self.settings.upstream_first_byte_timeout_s):
                 up = await cm.__aenter__()
-        except aiohttp.ClientConnectionError as exc:
-            raise upstream_unreachable(exc) from None
+        except aiohttp.ClientError as exc:  # refused, reset, connect timeout, not HTTP
+            raise upstream_failed(exc, self.settings) from None
         except TimeoutError:
             raise Reply(
                 504,
@@ -503,10 +516,12 @@ class Proxy:
                 code="upstream_timeout",
                 outcome="upstream_timeout",
             ) from None
-        completed = False
+        completed = cut = False
         ex.first_byte_ns = time.monotonic_ns()
         ex.status = rec.status = up.status
-        ex.worked = up.status not in NO_WORK_STATUSES
+        # an answer other than 2xx (a refusal, an error, a redirect) carries no output: nothing
+        # the caller can use was produced, so the reservation is released
+        ex.worked = 200 <= up.status < 300
         scanner = make_scanner(route.dialect, up.content_type, m.strip_usage and ex.worked)
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         try:
@@ -518,11 +533,26 @@ class Proxy:
                 if buffered(up):
                     # one JSON object: read it whole, settle, then answer with the charge in
                     # the headers; the caller waits for the whole body anyway
-                    async with asyncio.timeout(self.settings.upstream_read_timeout_s):
-                        data = await up.content.read()
+                    try:
+                        async with asyncio.timeout(self.settings.upstream_read_timeout_s):
+                            data = await up.content.read()
+                    except _UPSTREAM_BROKE as exc:
+                        ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                        raise answer_broke(exc, self.settings) from None
                     scanner.feed(data)
                     scanner.finish()
                     ex.usage = scanner.usage
+                    if ex.worked and not (scanner.usage.complete or scanner.usage.error):
+                        # not the JSON object the API promises: whatever answered was not a
+                        # model server, or not a well one; nothing usable, nothing billed
+                        ex.worked = False
+                        raise Reply(
+                            502,
+                            f"the model server's answer is not JSON ({up.content_type}, "
+                            f"{len(data)} bytes); nothing was charged",
+                            code="upstream_invalid_response",
+                            outcome="upstream_error",
+                        )
                     await self.settle_once(m)
                     self.charge_headers(resp, m)
                     resp.headers["Content-Length"] = str(len(data))
@@ -553,12 +583,24 @@ class Proxy:
                         if tail:
                             await resp.write(tail)
                         completed = True
+                        if ex.worked and not (scanner.usage.complete or scanner.usage.error):
+                            # a clean end without the final object / [DONE]: say so
+                            await resp.write(
+                                stream_error_chunk(route.dialect, up.content_type, ENDED_EARLY)
+                            )
                     except _UPSTREAM_BROKE as exc:
                         ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
                         scanner.finish()
-                        await resp.write(stream_error_chunk(route.dialect, up.content_type))
+                        notice = stream_error_chunk(route.dialect, up.content_type)
+                        if notice:
+                            await resp.write(notice)
+                        else:
+                            cut = True  # a JSON body cannot carry an error line
                 ex.usage = scanner.usage
                 await self.settle_once(m)
+                if cut:
+                    cut_transfer(request)
+                    return resp
                 await resp.write_eof()
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 ex.client_gone = True
@@ -819,9 +861,15 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
-def stream_error_chunk(dialect: Dialect, content_type: str) -> bytes:
-    """The error a client sees when the upstream breaks after the response began."""
-    msg = "upstream connection failed mid-response; the output is incomplete"
+BROKE_OFF = "upstream connection failed mid-response; the output is incomplete"
+ENDED_EARLY = (
+    "the model server ended the response before its final message; the output is incomplete"
+)
+
+
+def stream_error_chunk(dialect: Dialect, content_type: str, msg: str = BROKE_OFF) -> bytes:
+    """The error a client sees when the upstream breaks after the response began (appended
+    to NDJSON and SSE streams; other bodies cannot carry one: b"")."""
     if content_type == "text/event-stream":
         return (
             b"data: "
@@ -888,12 +936,54 @@ def body_too_large(limit: int) -> Reply:
     )
 
 
-def upstream_unreachable(exc: BaseException) -> Reply:
+def upstream_failed(exc: BaseException, settings: Settings) -> Reply:
+    """The upstream gave no answer at all (nothing reached the caller yet)."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return Reply(
+            504,
+            "the model server did not accept a connection within "
+            f"{settings.upstream_connect_timeout_s:g} s (setting upstream_connect_timeout_s); "
+            "nothing was charged",
+            code="upstream_timeout",
+            outcome="upstream_timeout",
+        )
+    if isinstance(exc, TimeoutError):
+        return Reply(
+            504,
+            f"the model server did not answer in time ({name}); nothing was charged",
+            code="upstream_timeout",
+            outcome="upstream_timeout",
+        )
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return Reply(
+            502,
+            f"the model server is unreachable ({name}); nothing was charged",
+            code="upstream_unreachable",
+            outcome="upstream_unreachable",
+        )
     return Reply(
         502,
-        f"the model server is unreachable ({type(exc).__name__}); nothing was charged",
-        code="upstream_unreachable",
-        outcome="upstream_unreachable",
+        f"the model server sent an invalid HTTP response ({name}); nothing was charged",
+        code="upstream_invalid_response",
+        outcome="upstream_error",
+    )
+
+
+def answer_broke(exc: BaseException, settings: Settings) -> Reply:
+    """A one-object answer broke off after the upstream began sending it (the work is billed)."""
+    if isinstance(exc, TimeoutError):
+        why = (
+            f"stopped sending its answer for {settings.upstream_read_timeout_s:g} s "
+            "(setting upstream_read_timeout_s)"
+        )
+    else:
+        why = f"broke off its answer ({type(exc).__name__})"
+    return Reply(
+        502,
+        f"the model server {why}; the time it worked was billed",
+        code="upstream_error",
+        outcome="upstream_error",
     )
 
 

@@ -434,6 +434,15 @@ class InstrumentedAuthority:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def with_api_key(self, api_key: str) -> InstrumentedAuthority:
+        """The remote authority's per-caller view (pass-through keys), instrumented too; it
+        shares this wrapper's bound metric children."""
+        view = InstrumentedAuthority.__new__(InstrumentedAuthority)
+        view.inner = self.inner.with_api_key(api_key)  # type: ignore[attr-defined]
+        view.name = self.name
+        view._m, view._ops, view._errors = self._m, self._ops, self._errors
+        return view
+
     def _failed(self, op: str, exc: BaseException) -> None:
         if isinstance(exc, AuthorityUnavailable):
             self._m.authority_up.set(0)

@@ -81,11 +81,19 @@ class Upstream:
         return URL(self._origin + self._prefix + raw_path_qs, encoded=True)
 
     def request_headers(
-        self, incoming: CIMultiDictProxy[str], *, content_length: int | None, identity: bool = False
+        self,
+        incoming: CIMultiDictProxy[str],
+        *,
+        content_length: int | None,
+        identity: bool = False,
+        decoded_body: bool = False,
     ) -> CIMultiDict[str]:
         """Headers for the upstream request. ``identity`` asks for an uncompressed response
-        (metered responses are scanned for usage on their way through)."""
+        (metered responses are scanned for usage on their way through). ``decoded_body``: the
+        body sent is the one aiohttp already decompressed, so its Content-Encoding must go."""
         drop = _DROP_REQUEST | _connection_tokens(incoming)
+        if decoded_body:
+            drop = drop | {"content-encoding"}
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             if name.lower() not in drop:
@@ -133,21 +141,43 @@ class Upstream:
         )
 
 
+def origin_form(request: web.Request) -> str:
+    """The target to forward: the client's raw path and query, byte for byte. An absolute-form
+    target (``POST http://any.host/api/chat``) is reduced to its path and query: the upstream
+    is always ours, whatever host the client named."""
+    raw = request.raw_path
+    return raw if raw.startswith("/") else request.rel_url.raw_path_qs
+
+
+def cut_transfer(request: web.Request) -> None:
+    """End a response that already began without its terminator (no final chunk), so the
+    caller sees a broken transfer instead of a complete-looking truncated body."""
+    if request.transport is not None:
+        request.transport.close()
+
+
 async def relay_passthrough(request: web.Request, upstream: Upstream) -> web.StreamResponse:
-    """Forward any unmetered request both ways, streaming, with only the documented edits."""
+    """Forward any unmetered request both ways, streaming, with only the documented edits.
+    Upstream failures before the response began propagate (the caller answers 502/504)."""
     length = request.content_length
     body: Any = None
     if request.body_exists:
         body = request.content
     headers = upstream.request_headers(request.headers, content_length=length)
     async with upstream.open(
-        request.method, request.raw_path, headers, body, upstream.passthrough_timeout
+        request.method, origin_form(request), headers, body, upstream.passthrough_timeout
     ) as up:
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(Upstream.response_headers(up, keep_length=True))
         await resp.prepare(request)
         if request.method != "HEAD":
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
+            try:
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                if request.transport is None or request.transport.is_closing():
+                    raise  # the caller left: not the upstream's fault
+                cut_transfer(request)  # the upstream broke off mid-response
+                return resp
         await resp.write_eof()
         return resp

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -53,6 +53,7 @@ from cycles_proxy.authority.embedded import (
     SCHEMA_VERSION,
     EmbeddedAuthority,
     Ledger,
+    _Op,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1271,6 +1272,130 @@ def test_ledger_identity_under_random_operations() -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# One operation of a differential round: ("reserve", amount, app, policy, key) |
+# ("commit", reservation index, actual, key) | ("release", index, key) |
+# ("extend", index, by_ms, key) | ("event", amount, app, policy, key)
+POLICIES = st.sampled_from(list(OveragePolicy))
+KEYS = st.sampled_from(["k0", "k1", "k2"]) | st.uuids().map(str)
+OPS = st.one_of(
+    st.tuples(st.just("reserve"), st.integers(0, 500), st.booleans(), POLICIES, KEYS),
+    st.tuples(st.just("commit"), st.integers(0, 30), st.integers(0, 700), KEYS),
+    st.tuples(st.just("release"), st.integers(0, 30), KEYS),
+    st.tuples(st.just("extend"), st.integers(0, 30), st.integers(1, 3_000), KEYS),
+    st.tuples(st.just("event"), st.integers(0, 300), st.booleans(), POLICIES, KEYS),
+)
+
+
+def _outcome(result: Any, ids: list[str]) -> Any:
+    """A result with its random ids replaced by their index, comparable across ledgers."""
+    if isinstance(result, CyclesError):
+        return ("error", result.code, result.retry_after_s)
+    if isinstance(result, Exception):
+        raise result
+    fields = {
+        f: getattr(result, f)
+        for f in result.__dataclass_fields__
+        if f not in ("reservation_id", "event_id")
+    }
+    rid = getattr(result, "reservation_id", None)
+    if rid is not None:
+        if rid not in ids:
+            ids.append(rid)
+        fields["reservation_id"] = ids.index(rid)
+    return fields
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rounds=st.lists(
+        st.tuples(st.lists(OPS, min_size=1, max_size=8), st.integers(0, 3_000)),
+        min_size=1,
+        max_size=8,
+    ),
+    limit=st.sampled_from([0, 150]),
+)
+def test_group_commit_answers_exactly_like_one_transaction_per_operation(
+    rounds: list[tuple[list[tuple[Any, ...]], int]], limit: int
+) -> None:
+    """Ledger.run_many (bulk loads, one write per table) vs. the same operations one by one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock()
+        one, many = (
+            Ledger(Path(tmp) / "a.db", clock_ms=clock),
+            Ledger(Path(tmp) / "b.db", clock_ms=clock),
+        )
+        ids_one: list[str] = []
+        ids_many: list[str] = []
+        try:
+            for led in (one, many):
+                led.set_budget("tenant:acme", CR, 2_000, overdraft_limit=limit)
+                led.set_budget("tenant:acme/app:bot", CR, 700, period="daily")
+            for ops, advance in rounds:
+                calls_one: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+                calls_many: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+                for op in ops:
+                    name = op[0]
+                    for ids, calls in ((ids_one, calls_one), (ids_many, calls_many)):
+                        if name in ("reserve", "event"):
+                            subject = ACME_BOT if op[2] else ACME
+                            if name == "reserve":
+                                req = rreq(
+                                    op[1],
+                                    subject,
+                                    overage_policy=op[3],
+                                    idem=op[4],
+                                    ttl_ms=2_000,
+                                    grace_period_ms=500,
+                                )
+                                calls.append(("reserve", (req,), {}))
+                            else:
+                                calls.append(
+                                    (
+                                        "event",
+                                        (),
+                                        {
+                                            "idempotency_key": op[4],
+                                            "subject": subject,
+                                            "action": ACT,
+                                            "actual": Amount(CR, op[1]),
+                                            "overage_policy": op[3],
+                                        },
+                                    )
+                                )
+                            continue
+                        rid = ids[op[1] % len(ids)] if ids else "no-such-reservation"
+                        if name == "commit":
+                            kw: dict[str, Any] = {
+                                "idempotency_key": op[3],
+                                "actual": Amount(CR, op[2]),
+                            }
+                        elif name == "release":
+                            kw = {"idempotency_key": op[2]}
+                        else:
+                            kw = {"idempotency_key": op[3], "extend_by_ms": op[2]}
+                        calls.append((name, (rid,), kw))
+                expected = []
+                for name, args, kwargs in calls_one:
+                    try:
+                        expected.append(getattr(one, name)(*args, **kwargs))
+                    except CyclesError as exc:
+                        expected.append(exc)
+                batch = [_Op(n, a, k) for n, a, k in calls_many]
+                got = [value for _, value in many.run_many(batch)]
+                assert [_outcome(r, ids_many) for r in got] == [
+                    _outcome(r, ids_one) for r in expected
+                ]
+                assert many.list_balances() == one.list_balances()
+                clock.advance(advance)
+                assert many.sweep_expired() == one.sweep_expired()
+            assert [(r.requests, r.cost) for r in many.usage()] == [
+                (r.requests, r.cost) for r in one.usage()
+            ]
+        finally:
+            one.close()
+            many.close()
 
 
 # ------------------------------------------------------------------------------- the authority

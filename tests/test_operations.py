@@ -16,6 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cycles_proxy.app import METRICS_KEY
 from cycles_proxy.authority.base import (
     Authority,
     AuthorityUnavailable,
@@ -32,6 +33,7 @@ from cycles_proxy.metrics import (
     InstrumentedAuthority,
     ProxyMetrics,
     denial_reason,
+    metric_names,
 )
 from cycles_proxy.observability import RequestRecord
 from cycles_proxy.settings import Settings
@@ -270,6 +272,10 @@ async def test_metrics_after_a_mixed_workload_match_the_ledger(
         assert m.total("cycles_proxy_budget_reserved", scope=scope) == 0
     assert m.total("cycles_proxy_authority_up") == 1
     assert m.total("cycles_proxy_upstream_up") == 1
+
+    # every series scraped is one metric_names() announces (dashboards are checked against it)
+    registry = h.running.runner.app[METRICS_KEY].registry
+    assert {name for name, _, _ in m.samples} <= set(metric_names(registry))
 
     # keys are never labels, and no label value is a key
     for key in [k for k in (h.keys.list()) if k]:
@@ -535,9 +541,14 @@ async def test_readyz_probes_a_remote_cycles_server(
             authority=EmbeddedAuthority(tmp_path / "r.db"),
             admin_port=0,
             cycles_base_url=server.url,
+            cycles_api_key="k",
         )
         status, body = await get_json(f"{h.running.admin_url}/readyz")
         assert status == 200 and "Cycles server" in body["authority"]["detail"]
+        assert state.requests_for("list") and not state.violations
+        state.keys.clear()  # the key is no longer valid
+        status, body = await get_json(f"{h.running.admin_url}/readyz")
+        assert status == 503 and "rejects the configured API key" in body["authority"]["detail"]
         await server.down()
         status, body = await get_json(f"{h.running.admin_url}/readyz")
         assert status == 503 and body["authority"]["ok"] is False
@@ -652,6 +663,11 @@ class ScriptedAuthority:
     async def balances(self, subject: Subject) -> list[Any]:
         return []
 
+    def with_api_key(self, key: str) -> ScriptedAuthority:
+        view = ScriptedAuthority(self.error)
+        view.extra = f"view for {len(key)}-char key"
+        return view
+
 
 @pytest.mark.parametrize(
     ("error", "counted", "up"),
@@ -687,3 +703,14 @@ async def test_instrumented_authority_times_calls_and_counts_only_real_errors(
     }
     assert errors == ({counted: 1.0} if counted else {})
     assert reg.get_sample_value("cycles_proxy_authority_up") == up
+    # a pass-through view (remote authority) is instrumented into the same series
+    view = a.with_api_key("ck_caller")
+    assert isinstance(view, InstrumentedAuthority) and view.extra == "view for 9-char key"
+    with pytest.raises(type(error)):
+        await view.reserve(req)
+    assert (
+        reg.get_sample_value(
+            "cycles_proxy_authority_request_duration_seconds_count", {"operation": "reserve"}
+        )
+        == 2
+    )

@@ -28,11 +28,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 from .base import (
     SUBJECT_LEVELS,
@@ -271,18 +271,30 @@ def _action_json(action: Action) -> str:
     return _JSON_CANONICAL.encode(action.to_dict())
 
 
-def _enc_balance(b: Balance) -> list[Any]:
-    return [
-        b.scope,
-        str(b.unit),
-        b.allocated,
-        b.spent,
-        b.reserved,
-        b.debt,
-        b.overdraft_limit,
-        b.is_over_limit,
-        b.period_ends_at_ms,
-    ]
+@functools.lru_cache(maxsize=8192)
+def _jstr(value: str) -> str:
+    """A JSON string literal (scopes, units and ids repeat: cached)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _jlist(values: tuple[str, ...]) -> str:
+    return "[" + ",".join(map(_jstr, values)) + "]"
+
+
+def _balances_json(budgets: Sequence[_Budget]) -> str:
+    """Stored responses are written by hand: json.dumps of the same lists costs several times
+    more, on every request."""
+    return (
+        "["
+        + ",".join(
+            f"[{_jstr(b.scope)},{_jstr(b.unit)},{b.allocated},{b.spent},{b.reserved},{b.debt},"
+            f"{b.overdraft_limit},{'true' if b.over else 'false'},"
+            f"{'null' if b.period_end is None else b.period_end}]"
+            for b in budgets
+        )
+        + "]"
+    )
 
 
 def _dec_balance(x: list[Any]) -> Balance:
@@ -324,13 +336,35 @@ def _metrics_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _charge_row(
+    now_ms: int,
+    tenant: str,
+    scope_path: str,
+    kind: str,
+    name: str,
+    unit: str,
+    amount: int,
+    metrics: Metrics | None,
+    reservation_id: str | None,
+    event_id: str | None,
+) -> list[Any]:
+    tin = tout = latency = None
+    if metrics is not None:
+        tin = _metrics_int(metrics.tokens_input)
+        tout = _metrics_int(metrics.tokens_output)
+        latency = _metrics_int(metrics.latency_ms)
+    return [
+        now_ms, tenant, scope_path, kind, name, unit, amount, tin, tout, _gpu_seconds(metrics),
+        latency, reservation_id, event_id,
+    ]  # fmt: skip
+
+
 class _Budget:
-    """One budget row, loaded inside a transaction and written back when dirty."""
+    """One budget row, loaded inside a transaction, changed in memory, written back by flush."""
 
     __slots__ = (
         "allocated",
         "debt",
-        "dirty",
         "over",
         "overdraft_limit",
         "period",
@@ -361,7 +395,6 @@ class _Budget:
         self.period_end: int | None = (
             _window_end(self.period, self.period_start) if self.period else None
         )
-        self.dirty = False
 
     @property
     def remaining(self) -> int:
@@ -375,7 +408,6 @@ class _Budget:
             self.spent = 0
             self.debt = 0
             self.over = False
-            self.dirty = True
 
     def balance(self) -> Balance:
         return Balance(
@@ -394,62 +426,167 @@ class _Budget:
         return BudgetRecord(self.balance(), self.status, self.period, self.period_start)
 
 
+class _Res:
+    """One reservation row (all columns but the derived ``deadline_ms``)."""
+
+    __slots__ = (
+        "action",
+        "action_kind",
+        "action_name",
+        "budgeted",
+        "charged",
+        "created",
+        "expires",
+        "extensions",
+        "finalized",
+        "grace",
+        "id",
+        "idempotency_key",
+        "metadata",
+        "policy",
+        "reserved",
+        "scope_path",
+        "status",
+        "subject",
+        "tenant",
+        "unit",
+    )
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        (
+            self.id,
+            self.tenant,
+            self.idempotency_key,
+            self.subject,
+            self.action,
+            self.action_kind,
+            self.action_name,
+            self.scope_path,
+            self.unit,
+            self.reserved,
+            budgeted,
+            self.status,
+            self.created,
+            self.expires,
+            self.grace,
+            self.policy,
+            self.extensions,
+            self.charged,
+            self.finalized,
+            self.metadata,
+        ) = row
+        self.budgeted: list[str] = json.loads(budgeted) if isinstance(budgeted, str) else budgeted
+
+    def insert_row(self) -> list[Any]:
+        return [
+            self.id, self.tenant, self.idempotency_key, self.subject, self.action,
+            self.action_kind, self.action_name, self.scope_path, self.unit, self.reserved,
+            _jlist(tuple(self.budgeted)), self.status, self.created, self.expires, self.grace,
+            self.expires + self.grace, self.policy, self.extensions, self.charged,
+            self.finalized, self.metadata,
+        ]  # fmt: skip
+
+    def update_row(self) -> list[Any]:
+        return [
+            self.id, self.status, self.charged, self.finalized, self.expires,
+            self.expires + self.grace, self.extensions,
+        ]  # fmt: skip
+
+    def record(self) -> ReservationRecord:
+        unit = _UNITS[self.unit]
+        return ReservationRecord(
+            reservation_id=self.id,
+            tenant=self.tenant,
+            status=ReservationStatus(self.status),
+            subject=json.loads(self.subject),
+            action=json.loads(self.action),
+            scope_path=self.scope_path,
+            budgeted_scopes=tuple(self.budgeted),
+            reserved=Amount(unit, self.reserved),
+            overage_policy=OveragePolicy(self.policy),
+            created_at_ms=self.created,
+            expires_at_ms=self.expires,
+            grace_period_ms=self.grace,
+            extension_count=self.extensions,
+            charged=None if self.charged is None else Amount(unit, self.charged),
+            finalized_at_ms=self.finalized,
+        )
+
+
 _BUDGET_COLS: Final = (
     "scope, unit, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, "
     "period, period_start_ms"
 )
 _RES_COLS: Final = (
-    "id, tenant, subject, action, scope_path, unit, reserved, budgeted_scopes, status, "
-    "created_ms, expires_ms, grace_ms, overage_policy, extension_count, charged, finalized_ms, "
-    "action_kind, action_name"
+    "id, tenant, idempotency_key, subject, action, action_kind, action_name, scope_path, unit, "
+    "reserved, budgeted_scopes, status, created_ms, expires_ms, grace_ms, overage_policy, "
+    "extension_count, charged, finalized_ms, metadata"
 )
-# One prepared statement per number of derived scopes (1..6), so sqlite3's cache reuses them.
-_SQL_BUDGETS_FOR_SCOPES: Final = {
-    n: f"SELECT {_BUDGET_COLS} FROM budgets WHERE scope IN ({','.join('?' * n)})"
-    for n in range(1, len(SUBJECT_LEVELS) + 1)
-}
-_SQL_BUDGETS_FOR_SCOPES_UNIT: Final = {
-    n: f"SELECT {_BUDGET_COLS} FROM budgets WHERE unit = ? AND scope IN ({','.join('?' * n)})"
-    for n in range(1, len(SUBJECT_LEVELS) + 1)
-}
-# The common case of a mutation: the same change on every scope and no period rolled.
-_SQL_ADD_RESERVED: Final = {
-    n: "UPDATE budgets SET reserved = reserved + ? "
-    f"WHERE unit = ? AND scope IN ({','.join('?' * n)})"
-    for n in range(1, len(SUBJECT_LEVELS) + 1)
-}
-_SQL_SETTLE_UNIFORM: Final = {
-    n: "UPDATE budgets SET reserved = reserved - ?, spent = spent + ? "
-    f"WHERE unit = ? AND scope IN ({','.join('?' * n)})"
-    for n in range(1, len(SUBJECT_LEVELS) + 1)
-}
-# A reservation with its idempotency record for one endpoint, in one round trip.
-_SQL_RES_WITH_IDEM: Final = (
-    f"SELECT {', '.join('r.' + c.strip() for c in _RES_COLS.split(','))}, i.payload_hash, "
-    "i.response FROM reservations AS r LEFT JOIN idempotency AS i "
-    "ON i.tenant = r.tenant AND i.endpoint = ? AND i.key = ? WHERE r.id = ?"
+_RES_INSERT_COLS: Final = (
+    "id, tenant, idempotency_key, subject, action, action_kind, action_name, scope_path, unit, "
+    "reserved, budgeted_scopes, status, created_ms, expires_ms, grace_ms, deadline_ms, "
+    "overage_policy, extension_count, charged, finalized_ms, metadata"
 )
-_SQL_INSERT_RES: Final = (
-    "INSERT INTO reservations (id, tenant, idempotency_key, subject, action, action_kind, "
-    "action_name, scope_path, unit, reserved, budgeted_scopes, status, created_ms, expires_ms, "
-    "grace_ms, deadline_ms, overage_policy, metadata) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?, ?, ?, ?)"
+_CHARGE_COLS: Final = (
+    "ts_ms, tenant, scope_path, action_kind, action_name, unit, amount, tokens_input, "
+    "tokens_output, gpu_seconds, latency_ms, reservation_id, event_id"
 )
-_SQL_WRITE_BUDGET: Final = (
-    "UPDATE budgets SET spent = ?, reserved = ?, debt = ?, is_over_limit = ?, period_start_ms = ? "
-    "WHERE scope = ? AND unit = ?"
+_IDEM_COLS: Final = "tenant, endpoint, key, payload_hash, response, created_ms, expires_ms"
+
+
+def _n_cols(cols: str) -> int:
+    return len(cols.split(","))
+
+
+# Inserts bind their rows directly, many rows per statement (cheaper for SQLite than decoding
+# JSON, still one step); one prepared statement per (table, row count), kept by sqlite3's cache.
+@functools.lru_cache(maxsize=1024)
+def _insert_sql(verb: str, table: str, cols: str, rows: int) -> str:
+    row = "(" + ", ".join("?" * _n_cols(cols)) + ")"
+    return f"{verb} INTO {table} ({cols}) VALUES " + ", ".join([row] * rows)
+
+
+def _insert_many(
+    conn: sqlite3.Connection, verb: str, table: str, cols: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    per = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _n_cols(cols))
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        conn.execute(_insert_sql(verb, table, cols, len(chunk)), [v for r in chunk for v in r])
+
+
+# Every read and write of a unit of work is one statement, whatever the number of rows: the
+# rows travel as one JSON array parameter (json_each) and come back as one JSON array
+# (json_group_array). A batch of operations therefore costs a handful of sqlite3_step calls,
+# which matters because each one releases the GIL and must win it back from the event loop.
+_SQL_LOAD_BUDGETS: Final = (
+    f"SELECT json_group_array(json_array({_BUDGET_COLS})) FROM budgets "
+    "WHERE scope IN (SELECT value FROM json_each(?))"
 )
-_SQL_IDEM_GET: Final = (
-    "SELECT payload_hash, response FROM idempotency WHERE tenant = ? AND endpoint = ? AND key = ?"
+_SQL_LOAD_RESERVATIONS: Final = (
+    f"SELECT json_group_array(json_array({_RES_COLS})) FROM reservations "
+    "WHERE id IN (SELECT value FROM json_each(?))"
 )
-_SQL_IDEM_PUT: Final = (
-    "INSERT OR REPLACE INTO idempotency (tenant, endpoint, key, payload_hash, response, "
-    "created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SQL_LOAD_IDEMPOTENCY: Final = (
+    "SELECT json_group_array(json_array(i.tenant, i.endpoint, i.key, i.payload_hash, "
+    "i.response)) FROM json_each(?) AS j JOIN idempotency AS i "
+    "ON i.tenant = json_extract(j.value, '$[0]') AND i.endpoint = json_extract(j.value, '$[1]') "
+    "AND i.key = json_extract(j.value, '$[2]')"
 )
-_SQL_CHARGE: Final = (
-    "INSERT INTO charges (ts_ms, tenant, scope_path, action_kind, action_name, unit, amount, "
-    "tokens_input, tokens_output, gpu_seconds, latency_ms, reservation_id, event_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SQL_WRITE_BUDGETS: Final = (
+    "UPDATE budgets SET spent = json_extract(j.value, '$[2]'), "
+    "reserved = json_extract(j.value, '$[3]'), debt = json_extract(j.value, '$[4]'), "
+    "is_over_limit = json_extract(j.value, '$[5]'), "
+    "period_start_ms = json_extract(j.value, '$[6]') FROM json_each(?) AS j "
+    "WHERE budgets.scope = json_extract(j.value, '$[0]') "
+    "AND budgets.unit = json_extract(j.value, '$[1]')"
+)
+_SQL_UPDATE_RESERVATIONS: Final = (
+    "UPDATE reservations SET status = json_extract(j.value, '$[1]'), "
+    "charged = json_extract(j.value, '$[2]'), finalized_ms = json_extract(j.value, '$[3]'), "
+    "expires_ms = json_extract(j.value, '$[4]'), deadline_ms = json_extract(j.value, '$[5]'), "
+    "extension_count = json_extract(j.value, '$[6]') FROM json_each(?) AS j "
+    "WHERE reservations.id = json_extract(j.value, '$[0]')"
 )
 
 _SCHEMA: Final = (
@@ -537,77 +674,170 @@ _SCHEMA: Final = (
 )
 
 
-class _Res:
-    """One reservation row."""
+class _Work:
+    """The rows one transaction reads and writes.
+
+    Rows are loaded on demand (or in bulk for a batch, :meth:`preload`), changed in memory by
+    the operations, and written back by :meth:`flush` with one statement per table. Only valid
+    inside one ``BEGIN IMMEDIATE`` transaction: the absolute values written back are those read
+    under the same write lock."""
 
     __slots__ = (
-        "action",
-        "action_kind",
-        "action_name",
-        "budgeted",
-        "charged",
-        "created",
-        "expires",
-        "extensions",
-        "finalized",
-        "grace",
-        "id",
-        "policy",
-        "reserved",
-        "scope_path",
-        "status",
-        "subject",
-        "tenant",
-        "unit",
+        "budgets",
+        "changed_res",
+        "charges",
+        "conn",
+        "dirty_budgets",
+        "idem",
+        "idem_new",
+        "new_res",
+        "res",
     )
 
-    def __init__(self, row: Sequence[Any]) -> None:
-        (
-            self.id,
-            self.tenant,
-            self.subject,
-            self.action,
-            self.scope_path,
-            self.unit,
-            self.reserved,
-            budgeted,
-            self.status,
-            self.created,
-            self.expires,
-            self.grace,
-            self.policy,
-            self.extensions,
-            self.charged,
-            self.finalized,
-            self.action_kind,
-            self.action_name,
-        ) = row[:18]
-        self.budgeted: list[str] = json.loads(budgeted)
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        #: scope -> unit -> budget, for every scope loaded so far (empty dict: none there)
+        self.budgets: dict[str, dict[str, _Budget]] = {}
+        self.res: dict[str, _Res | None] = {}
+        self.idem: dict[tuple[str, str, str], tuple[str, str] | None] = {}
+        self.dirty_budgets: dict[tuple[str, str], _Budget] = {}
+        self.new_res: dict[str, _Res] = {}
+        self.changed_res: dict[str, _Res] = {}
+        self.charges: list[list[Any]] = []
+        self.idem_new: dict[tuple[str, str, str], list[Any]] = {}
 
-    def record(self) -> ReservationRecord:
-        unit = Unit(self.unit)
-        return ReservationRecord(
-            reservation_id=self.id,
-            tenant=self.tenant,
-            status=ReservationStatus(self.status),
-            subject=json.loads(self.subject),
-            action=json.loads(self.action),
-            scope_path=self.scope_path,
-            budgeted_scopes=tuple(self.budgeted),
-            reserved=Amount(unit, self.reserved),
-            overage_policy=OveragePolicy(self.policy),
-            created_at_ms=self.created,
-            expires_at_ms=self.expires,
-            grace_period_ms=self.grace,
-            extension_count=self.extensions,
-            charged=None if self.charged is None else Amount(unit, self.charged),
-            finalized_at_ms=self.finalized,
-        )
+    # -- reads
+
+    def load_scopes(self, scopes: Iterable[str]) -> None:
+        missing = [s for s in dict.fromkeys(scopes) if s not in self.budgets]
+        if not missing:
+            return
+        for s in missing:
+            self.budgets[s] = {}
+        (text,) = self.conn.execute(_SQL_LOAD_BUDGETS, (_JSON.encode(missing),)).fetchone()
+        for row in json.loads(text):
+            b = _Budget(row)
+            self.budgets[b.scope][b.unit] = b
+
+    def subject_budgets(
+        self, scopes: Sequence[str], unit: str
+    ) -> tuple[list[_Budget], list[_Budget]]:
+        """Budgets on the derived scopes: (in ``unit``, canonical order), (in other units)."""
+        self.load_scopes(scopes)
+        mine: list[_Budget] = []
+        others: list[_Budget] = []
+        for s in scopes:
+            for u, b in self.budgets[s].items():
+                (mine if u == unit else others).append(b)
+        return mine, others
+
+    def budgets_in(self, scopes: Sequence[str], unit: str) -> list[_Budget]:
+        self.load_scopes(scopes)
+        return [b for s in scopes if (b := self.budgets[s].get(unit)) is not None]
+
+    def load_reservations(self, ids: Iterable[str]) -> None:
+        missing = [i for i in dict.fromkeys(ids) if i not in self.res]
+        if not missing:
+            return
+        for i in missing:
+            self.res[i] = None
+        (text,) = self.conn.execute(_SQL_LOAD_RESERVATIONS, (_JSON.encode(missing),)).fetchone()
+        for row in json.loads(text):
+            r = _Res(row)
+            self.res[r.id] = r
+
+    def reservation(self, reservation_id: str) -> _Res | None:
+        if reservation_id not in self.res:
+            self.load_reservations((reservation_id,))
+        return self.res[reservation_id]
+
+    def load_idempotency(self, keys: Iterable[tuple[str, str, str]]) -> None:
+        missing = [k for k in dict.fromkeys(keys) if k not in self.idem]
+        if not missing:
+            return
+        for k in missing:
+            self.idem[k] = None
+        (text,) = self.conn.execute(_SQL_LOAD_IDEMPOTENCY, (_JSON.encode(missing),)).fetchone()
+        for tenant, endpoint, key, payload_hash, response in json.loads(text):
+            self.idem[(tenant, endpoint, key)] = (payload_hash, response)
+
+    def replay(self, tenant: str, endpoint: str, key: str, payload_hash: str) -> Any:
+        """The stored response for this key, None if new; IDEMPOTENCY_MISMATCH if the key
+        was used for a different payload."""
+        k = (tenant, endpoint, key)
+        if k not in self.idem:
+            self.load_idempotency((k,))
+        stored = self.idem[k]
+        if stored is None:
+            return None
+        if stored[0] != payload_hash:
+            raise CyclesError(
+                ErrorCode.IDEMPOTENCY_MISMATCH,
+                f"idempotency key {key!r} was already used for a different {endpoint} request",
+            )
+        return json.loads(stored[1])
+
+    # -- writes (in memory until flush)
+
+    def remember(
+        self,
+        tenant: str,
+        endpoint: str,
+        key: str,
+        payload_hash: str,
+        text: str,
+        now_ms: int,
+        keep_ms: int = IDEMPOTENCY_RETENTION_MS,
+    ) -> None:
+        """Store a successful response (JSON ``text``) for replays of this key."""
+        k = (tenant, endpoint, key)
+        self.idem[k] = (payload_hash, text)
+        self.idem_new[k] = [tenant, endpoint, key, payload_hash, text, now_ms, now_ms + keep_ms]
+
+    def touch(self, budgets: Iterable[_Budget]) -> None:
+        for b in budgets:
+            self.dirty_budgets[(b.scope, b.unit)] = b
+
+    def add_reservation(self, res: _Res) -> None:
+        self.res[res.id] = res
+        self.new_res[res.id] = res
+
+    def changed(self, res: _Res) -> None:
+        if res.id not in self.new_res:
+            self.changed_res[res.id] = res
+
+    def flush(self) -> None:
+        c = self.conn
+        if self.dirty_budgets:
+            rows = [
+                [b.scope, b.unit, b.spent, b.reserved, b.debt, int(b.over), b.period_start]
+                for b in self.dirty_budgets.values()
+            ]
+            c.execute(_SQL_WRITE_BUDGETS, (_JSON.encode(rows),))
+            self.dirty_budgets.clear()
+        if self.new_res:
+            rows = [r.insert_row() for r in self.new_res.values()]
+            _insert_many(c, "INSERT", "reservations", _RES_INSERT_COLS, rows)
+            self.new_res.clear()
+        if self.changed_res:
+            rows = [r.update_row() for r in self.changed_res.values()]
+            c.execute(_SQL_UPDATE_RESERVATIONS, (_JSON.encode(rows),))
+            self.changed_res.clear()
+        if self.charges:
+            _insert_many(c, "INSERT", "charges", _CHARGE_COLS, self.charges)
+            self.charges.clear()
+        if self.idem_new:
+            rows = list(self.idem_new.values())
+            _insert_many(c, "INSERT OR REPLACE", "idempotency", _IDEM_COLS, rows)
+            self.idem_new.clear()
 
 
-# --------------------------------------------------------------------------------------------
-# The ledger
-# --------------------------------------------------------------------------------------------
+class _Op(NamedTuple):
+    """A ledger operation queued for a group commit: ``Ledger.<name>(*args, **kwargs)``."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 class Ledger:
@@ -636,7 +866,7 @@ class Ledger:
             timeout=5.0,
             isolation_level=None,
             check_same_thread=check_same_thread,
-            cached_statements=256,
+            cached_statements=512,
         )
         try:
             self._setup(sync)
@@ -682,7 +912,7 @@ class Ledger:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One operation's transaction: ``BEGIN IMMEDIATE`` (so another process's writer waits
-        on ``busy_timeout`` instead of failing midway), or a savepoint inside :meth:`batch`."""
+        on ``busy_timeout`` instead of failing midway), or a savepoint inside :meth:`run_many`."""
         c = self._conn
         if self._batching:
             if not c.in_transaction:  # a failed statement already rolled the batch back
@@ -706,61 +936,106 @@ class Ledger:
                 c.execute("ROLLBACK")
             raise
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Group commit: the operations called inside the block share one ``BEGIN IMMEDIATE``
-        transaction, each in its own savepoint, so a refused operation leaves no trace while
-        the others stand. Nothing is durable, or visible to other connections, before the
-        block exits; if the final COMMIT fails every operation of the block is lost, so report
-        results only after the block has exited."""
-        if self._batching:
-            raise RuntimeError("Ledger.batch() does not nest")
+    def _single(self, op: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one operation in its own transaction."""
+        error: CyclesError | None = None
         with self._tx():
+            work = _Work(self._conn)
+            try:
+                result = op(work, *args, **kwargs)
+            except CyclesError as exc:
+                error = exc  # a refusal may still have changed something (an expiry): commit
+            work.flush()
+        if error is not None:
+            raise error
+        return result
+
+    def run_many(self, items: Sequence[_Op | Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Group commit: run ``items`` in order in ONE ``BEGIN IMMEDIATE`` transaction and
+        return ``(ok, result or exception)`` for each.
+
+        :class:`_Op` items (reserve, commit, release, extend, event, balances) share one unit
+        of work: their rows are loaded in bulk up front and written back with one statement per
+        table at the end, so a batch costs a handful of statements whatever its size. A
+        :class:`~.base.CyclesError` is that item's answer and the others go on (every operation
+        checks before it changes anything). Any other item is a plain callable run in its own
+        savepoint after the preceding work is flushed. If anything else fails, or the COMMIT
+        does, this raises and nothing of the batch is kept: report results only after it
+        returned."""
+        if self._batching:
+            raise RuntimeError("Ledger.run_many() does not nest")
+        out: list[tuple[bool, Any]] = []
+        with self._tx():
+            work = _Work(self._conn)
+            self._preload(work, [item for item in items if isinstance(item, _Op)])
             self._batching = True
             try:
-                yield
+                for item in items:
+                    if isinstance(item, _Op):
+                        op = getattr(self, "_op_" + item.name)
+                        try:
+                            out.append((True, op(work, *item.args, **item.kwargs)))
+                        except CyclesError as exc:
+                            out.append((False, exc))
+                        continue
+                    work.flush()
+                    work = _Work(self._conn)  # the call may change anything: forget the cache
+                    try:
+                        with self._tx():
+                            out.append((True, item()))
+                    except Exception as exc:
+                        if not self._conn.in_transaction:
+                            raise
+                        out.append((False, exc))
+                work.flush()
             finally:
                 self._batching = False
+        return out
 
-    # ---------------------------------------------------------------- budget loading/writing
+    @staticmethod
+    def _preload(work: _Work, ops: list[_Op]) -> None:
+        """Load every row a batch of operations will touch with three statements."""
+        if len(ops) < 2:
+            return
+        ids: list[str] = []
+        scopes: list[str] = []
+        keys: list[tuple[str, str, str]] = []
+        settling: list[_Op] = []
+        for op in ops:
+            if op.name in ("reserve", "event", "balances"):
+                if op.name == "reserve":
+                    req = op.args[0] if op.args else None
+                    subject = getattr(req, "subject", None)
+                    key = getattr(req, "idempotency_key", None)
+                else:
+                    subject = op.kwargs.get("subject", op.args[0] if op.args else None)
+                    key = op.kwargs.get("idempotency_key")
+                if not isinstance(subject, Subject):
+                    continue
+                subject_scopes, owner, _ = _subject_info(subject)
+                scopes.extend(subject_scopes)
+                if isinstance(key, str) and op.name != "balances":
+                    keys.append((owner, op.name, key))
+            elif op.args and isinstance(op.args[0], str):  # commit, release, extend
+                ids.append(op.args[0])
+                settling.append(op)
+        work.load_reservations(ids)
+        for op in settling:
+            res = work.res.get(op.args[0])
+            key = op.kwargs.get("idempotency_key")
+            if res is not None and isinstance(key, str):
+                keys.append((res.tenant, op.name, key))
+                if op.name != "extend":
+                    scopes.extend(res.budgeted)
+        work.load_idempotency(keys)
+        work.load_scopes(scopes)
 
-    def _load_subject_budgets(
-        self, scopes: Sequence[str], unit: Unit
-    ) -> tuple[list[_Budget], list[_Budget]]:
-        """Budgets on the derived scopes: (in ``unit``, canonical order), (in other units)."""
-        rows = self._conn.execute(_SQL_BUDGETS_FOR_SCOPES[len(scopes)], scopes).fetchall()
-        mine: dict[str, _Budget] = {}
-        others: list[_Budget] = []
-        for row in rows:
-            b = _Budget(row)
-            if b.unit == unit:
-                mine[b.scope] = b
-            else:
-                others.append(b)
-        return [mine[s] for s in scopes if s in mine], others
-
-    def _load_budgets(self, scopes: list[str], unit: str) -> list[_Budget]:
-        if not scopes:
-            return []
-        rows = self._conn.execute(
-            _SQL_BUDGETS_FOR_SCOPES_UNIT[len(scopes)], [unit, *scopes]
-        ).fetchall()
-        by_scope = {row[0]: _Budget(row) for row in rows}
-        return [by_scope[s] for s in scopes if s in by_scope]
-
-    def _write_budgets(self, budgets: list[_Budget]) -> None:
-        self._conn.executemany(
-            _SQL_WRITE_BUDGET,
-            [
-                (b.spent, b.reserved, b.debt, int(b.over), b.period_start, b.scope, b.unit)
-                for b in budgets
-            ],
-        )
+    # ---------------------------------------------------------------- checks and charges
 
     @staticmethod
     def _no_budget(scopes: Sequence[str], unit: Unit, others: list[_Budget]) -> CyclesError:
         if others:
-            first = min(others, key=lambda b: scopes.index(b.scope))
+            first = others[0]  # others come in canonical scope order
             expected = sorted({b.unit for b in others if b.scope == first.scope})
             return CyclesError(
                 ErrorCode.UNIT_MISMATCH,
@@ -777,23 +1052,21 @@ class Ledger:
         )
 
     @staticmethod
-    def _retry_after_ms(b: _Budget, now_ms: int) -> int | None:
-        return None if b.period_end is None else max(0, b.period_end - now_ms)
-
     def _denial(
-        self, code: ErrorCode, b: _Budget, now_ms: int, message: str, **details: Any
+        code: ErrorCode, b: _Budget, now_ms: int, message: str, **details: Any
     ) -> CyclesError:
-        retry_ms = None
-        if code in (
+        retry_s = None
+        if b.period_end is not None and code in (
             ErrorCode.BUDGET_EXCEEDED,
             ErrorCode.OVERDRAFT_LIMIT_EXCEEDED,
             ErrorCode.DEBT_OUTSTANDING,
         ):
-            retry_ms = self._retry_after_ms(b, now_ms)
+            # A refill resets spent, debt and is_over_limit: retrying may work from then on.
+            retry_s = -(-max(0, b.period_end - now_ms) // 1000)
         return CyclesError(
             code,
             message,
-            retry_after_s=None if retry_ms is None else -(-retry_ms // 1000),
+            retry_after_s=retry_s,
             details={"scope": b.scope, "unit": b.unit, **details},
         )
 
@@ -848,9 +1121,8 @@ class Ledger:
     ) -> int:
         """Release ``reserved`` and charge ``actual`` on every budget, under ``policy`` (§5.3).
 
-        Mutates the budgets in memory, marking those that need more than the common
-        ``reserved -= r; spent += charged`` as dirty, and returns the amount charged. Raises on
-        refusal (the caller's transaction then rolls back)."""
+        Changes the budgets in memory and returns the amount charged; raises on refusal
+        before changing anything."""
         delta = actual - reserved
         if delta <= 0:
             for b in budgets:
@@ -910,7 +1182,6 @@ class Ledger:
                 )
         for b in capping:
             b.over = True
-            b.dirty = True
         charged = reserved + capped
         for b in budgets:
             b.reserved -= reserved
@@ -918,59 +1189,22 @@ class Ledger:
                 # §5.3: "commit, add delta to debt, and let remaining go negative".
                 b.spent += reserved
                 b.debt += capped
-                b.dirty = True
             else:
                 b.spent += charged
         return charged
 
-    def _store_settled(self, budgets: list[_Budget], reserved: int, charged: int) -> None:
-        if any(b.dirty for b in budgets):
-            self._write_budgets(budgets)
-        else:
-            self._conn.execute(
-                _SQL_SETTLE_UNIFORM[len(budgets)],
-                (reserved, charged, budgets[0].unit, *[b.scope for b in budgets]),
-            )
-
-    # ---------------------------------------------------------------- idempotency
-
-    @staticmethod
-    def _check_replay(
-        stored_hash: str | None, response: str | None, payload_hash: str, key: str, endpoint: str
-    ) -> Any:
-        if stored_hash is None or response is None:
-            return None
-        if stored_hash != payload_hash:
-            raise CyclesError(
-                ErrorCode.IDEMPOTENCY_MISMATCH,
-                f"idempotency key {key!r} was already used for a different {endpoint} request",
-            )
-        return json.loads(response)
-
-    def _idem_get(self, tenant: str, endpoint: str, key: str, payload_hash: str) -> Any:
-        row = self._conn.execute(_SQL_IDEM_GET, (tenant, endpoint, key)).fetchone()
-        if row is None:
-            return None
-        return self._check_replay(row[0], row[1], payload_hash, key, endpoint)
-
-    def _idem_put(
-        self,
-        tenant: str,
-        endpoint: str,
-        key: str,
-        payload_hash: str,
-        response: Any,
-        now_ms: int,
-        keep_ms: int = IDEMPOTENCY_RETENTION_MS,
-    ) -> None:
-        self._conn.execute(
-            _SQL_IDEM_PUT,
-            (tenant, endpoint, key, payload_hash, _JSON.encode(response), now_ms, now_ms + keep_ms),
-        )
-
     # ---------------------------------------------------------------- reserve
 
     def reserve(self, req: ReserveRequest, *, tenant: str | None = None) -> Reservation:
+        """Reserve ``req.estimate`` on every budgeted scope of ``req.subject`` (§4.1, §4.6).
+
+        A live denial raises :class:`~.base.CyclesError`; a dry run changes nothing and
+        answers DENY with a reason code instead. ``tenant``, when given, must own the subject."""
+        return self._single(self._op_reserve, req, tenant=tenant)
+
+    def _op_reserve(
+        self, work: _Work, req: ReserveRequest, *, tenant: str | None = None
+    ) -> Reservation:
         key = _check_key(req.idempotency_key)
         unit = _check_unit(req.estimate.unit)
         amount = _check_amount(req.estimate.amount, "estimate.amount")
@@ -996,48 +1230,72 @@ class Ledger:
             metadata_json,
         )  # fmt: skip
         now = self._clock()
+        # Dry runs share the namespace (flipping dry_run on a used key is a mismatch) but are
+        # never stored, so they consume no key.
+        stored = work.replay(owner, "reserve", key, payload_hash)
+        if stored is not None:
+            return self._replay_reservation(work, stored, now)
+        budgets, others = work.subject_budgets(scopes, unit.value)
+        if not budgets:
+            error = self._no_budget(scopes, unit, others)
+            if dry_run and error.code is ErrorCode.NOT_FOUND:
+                return Reservation(
+                    decision=Decision.DENY,
+                    affected_scopes=scopes,
+                    scope_path=scopes[-1],
+                    reason_code="BUDGET_NOT_FOUND",
+                )
+            raise error
+        for b in budgets:
+            b.roll(now)
+        denial = self._reserve_check(budgets, amount, now)
         if dry_run:
-            return self._reserve_dry_run(owner, key, payload_hash, scopes, unit, amount, now)
-
-        with self._tx() as c:
-            stored = self._idem_get(owner, "reserve", key, payload_hash)
-            if stored is not None:
-                return self._replay_reservation(stored, now)
-            budgets, others = self._load_subject_budgets(scopes, unit)
-            if not budgets:
-                raise self._no_budget(scopes, unit, others)
-            for b in budgets:
-                b.roll(now)
-            denial = self._reserve_check(budgets, amount, now)
-            if denial is not None:
-                raise denial
-            for b in budgets:
-                b.reserved += amount
-            budgeted = [b.scope for b in budgets]
-            if any(b.dirty for b in budgets):
-                self._write_budgets(budgets)
-            else:
-                c.execute(_SQL_ADD_RESERVED[len(budgeted)], (amount, unit.value, *budgeted))
-            rid = str(uuid.uuid4())
-            expires = now + ttl
-            c.execute(
-                _SQL_INSERT_RES,
+            balances = tuple(b.balance() for b in budgets)
+            if denial is None:
+                return Reservation(
+                    decision=Decision.ALLOW,
+                    affected_scopes=scopes,
+                    reserved=Amount(unit, amount),
+                    scope_path=scopes[-1],
+                    balances=balances,
+                )
+            retry = denial.retry_after_s
+            return Reservation(
+                decision=Decision.DENY,
+                affected_scopes=scopes,
+                scope_path=scopes[-1],
+                balances=balances,
+                reason_code=str(denial.code),
+                retry_after_ms=None if retry is None else retry * 1000,
+            )
+        if denial is not None:
+            raise denial
+        for b in budgets:
+            b.reserved += amount
+        work.touch(budgets)
+        rid = str(uuid.uuid4())
+        expires = now + ttl
+        budgeted = [b.scope for b in budgets]
+        work.add_reservation(
+            _Res(
                 (
                     rid, owner, key, subject_json, action_json, action.kind, action.name,
-                    scopes[-1], unit.value, amount, _JSON.encode(budgeted), now, expires, grace,
-                    expires + grace, policy.value, metadata_json,
-                ),
-            )  # fmt: skip
-            balances = tuple(b.balance() for b in budgets)
-            self._idem_put(
-                owner,
-                "reserve",
-                key,
-                payload_hash,
-                [rid, scopes, amount, unit.value, expires, [_enc_balance(b) for b in balances]],
-                now,
-                max(IDEMPOTENCY_RETENTION_MS, ttl + grace),
+                    scopes[-1], unit.value, amount, budgeted, "ACTIVE", now, expires, grace,
+                    policy.value, 0, None, None, metadata_json,
+                )
             )
+        )  # fmt: skip
+        balances = tuple(b.balance() for b in budgets)
+        work.remember(
+            owner,
+            "reserve",
+            key,
+            payload_hash,
+            f'["{rid}",{_jlist(scopes)},{amount},{_jstr(unit.value)},{expires},'
+            f"{_balances_json(budgets)}]",
+            now,
+            max(IDEMPOTENCY_RETENTION_MS, ttl + grace),
+        )
         return Reservation(
             decision=Decision.ALLOW,
             affected_scopes=scopes,
@@ -1049,10 +1307,11 @@ class Ledger:
             balances=balances,
         )
 
-    def _replay_reservation(self, stored: list[Any], now_ms: int) -> Reservation:
+    @staticmethod
+    def _replay_reservation(work: _Work, stored: list[Any], now_ms: int) -> Reservation:
         rid, scopes, amount, unit, expires, balances = stored
-        row = self._conn.execute("SELECT status FROM reservations WHERE id = ?", (rid,)).fetchone()
-        active = row is not None and row[0] == "ACTIVE"
+        res = work.reservation(rid)
+        active = res is not None and res.status == "ACTIVE"
         return Reservation(
             decision=Decision.ALLOW,
             affected_scopes=tuple(scopes),
@@ -1064,72 +1323,18 @@ class Ledger:
             balances=tuple(_dec_balance(b) for b in balances),
         )
 
-    def _reserve_dry_run(
-        self,
-        owner: str,
-        key: str,
-        payload_hash: str,
-        scopes: tuple[str, ...],
-        unit: Unit,
-        amount: int,
-        now_ms: int,
-    ) -> Reservation:
-        """Evaluate without writing anything (rolled periods are computed in memory only).
-
-        Dry runs share the reserve idempotency namespace: reusing a live reservation's key
-        with ``dry_run`` flipped is an IDEMPOTENCY_MISMATCH. A dry run stores nothing."""
-        stored = self._idem_get(owner, "reserve", key, payload_hash)
-        if stored is not None:  # unreachable in practice: dry_run is part of the payload
-            return self._replay_reservation(stored, now_ms)
-        budgets, others = self._load_subject_budgets(scopes, unit)
-        if not budgets:
-            error = self._no_budget(scopes, unit, others)
-            if error.code is ErrorCode.UNIT_MISMATCH:
-                raise error
-            return Reservation(
-                decision=Decision.DENY,
-                affected_scopes=scopes,
-                scope_path=scopes[-1],
-                reason_code="BUDGET_NOT_FOUND",
-            )
-        for b in budgets:
-            b.roll(now_ms)
-        denial = self._reserve_check(budgets, amount, now_ms)
-        balances = tuple(b.balance() for b in budgets)
-        if denial is not None:
-            retry = denial.retry_after_s
-            return Reservation(
-                decision=Decision.DENY,
-                affected_scopes=scopes,
-                scope_path=scopes[-1],
-                balances=balances,
-                reason_code=str(denial.code),
-                retry_after_ms=None if retry is None else retry * 1000,
-            )
-        return Reservation(
-            decision=Decision.ALLOW,
-            affected_scopes=scopes,
-            reserved=Amount(unit, amount),
-            scope_path=scopes[-1],
-            balances=balances,
-        )
-
     # ---------------------------------------------------------------- commit / release / extend
 
-    def _load_reservation(
-        self, reservation_id: str, tenant: str | None, endpoint: str, key: str
-    ) -> tuple[_Res, str | None, str | None]:
-        """The reservation, plus the hash and response stored under (its tenant, endpoint,
-        key) if any."""
+    @staticmethod
+    def _reservation(work: _Work, reservation_id: str, tenant: str | None) -> _Res:
         if not isinstance(reservation_id, str) or not 1 <= len(reservation_id) <= 128:
             raise _invalid("reservation_id must be a string of 1..128 characters")
-        row = self._conn.execute(_SQL_RES_WITH_IDEM, (endpoint, key, reservation_id)).fetchone()
-        if row is None:
+        res = work.reservation(reservation_id)
+        if res is None:
             raise CyclesError(ErrorCode.NOT_FOUND, f"Reservation {reservation_id} not found")
-        res = _Res(row)
         if tenant is not None and tenant.lower() != res.tenant:
             raise CyclesError(ErrorCode.FORBIDDEN, "reservation belongs to another tenant")
-        return res, row[-2], row[-1]
+        return res
 
     @staticmethod
     def _check_state(res: _Res) -> None:
@@ -1140,19 +1345,17 @@ class Ledger:
         if res.status == "EXPIRED":
             raise CyclesError(ErrorCode.RESERVATION_EXPIRED, f"Reservation {res.id} has expired")
 
-    def _expire_locked(self, res: _Res, now_ms: int) -> None:
-        """Mark an overdue reservation EXPIRED and return its amount (inside a transaction)."""
-        self._conn.executemany(
-            "UPDATE budgets SET reserved = reserved - ? WHERE scope = ? AND unit = ?",
-            [(res.reserved, scope, res.unit) for scope in res.budgeted],
-        )
-        self._conn.execute(
-            "UPDATE reservations SET status = 'EXPIRED', finalized_ms = ? WHERE id = ?",
-            (now_ms, res.id),
-        )
-
     @staticmethod
-    def _expired_error(res: _Res) -> CyclesError:
+    def _expire(work: _Work, res: _Res, now_ms: int) -> CyclesError:
+        """Expire an overdue reservation on the spot (its amount returns to every scope) and
+        return the 410 to raise."""
+        budgets = work.budgets_in(res.budgeted, res.unit)
+        for b in budgets:
+            b.reserved -= res.reserved
+        work.touch(budgets)
+        res.status = "EXPIRED"
+        res.finalized = now_ms
+        work.changed(res)
         return CyclesError(
             ErrorCode.RESERVATION_EXPIRED,
             f"Reservation {res.id} expired at {res.expires} (+{res.grace} ms grace)",
@@ -1168,6 +1371,28 @@ class Ledger:
         metadata: dict[str, Any] | None = None,
         tenant: str | None = None,
     ) -> CommitResult:
+        """Charge ``actual`` for a reservation (§4.2, §5.3); the unused part is released."""
+        return self._single(
+            self._op_commit,
+            reservation_id,
+            idempotency_key=idempotency_key,
+            actual=actual,
+            metrics=metrics,
+            metadata=metadata,
+            tenant=tenant,
+        )
+
+    def _op_commit(
+        self,
+        work: _Work,
+        reservation_id: str,
+        *,
+        idempotency_key: str,
+        actual: Amount,
+        metrics: Metrics | None = None,
+        metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
+    ) -> CommitResult:
         key = _check_key(idempotency_key)
         unit = _check_unit(actual.unit)
         amount = _check_amount(actual.amount, "actual.amount")
@@ -1175,86 +1400,54 @@ class Ledger:
             reservation_id, unit.value, amount, _metrics_canonical(metrics), _canonical(metadata)
         )
         now = self._clock()
-        with self._tx() as c:
-            res, stored_hash, stored = self._load_reservation(reservation_id, tenant, "commit", key)
-            replay = self._check_replay(stored_hash, stored, payload_hash, key, "commit")
-            if replay is not None:
-                charged_amt, released_amt, balances = replay
-                return CommitResult(
-                    charged=Amount(unit, charged_amt),
-                    released=Amount(unit, released_amt),
-                    balances=tuple(_dec_balance(b) for b in balances),
-                )
-            self._check_state(res)
-            if unit != res.unit:
-                raise CyclesError(
-                    ErrorCode.UNIT_MISMATCH,
-                    f"actual.unit {unit} differs from the reservation's unit {res.unit}",
-                    details={"requested_unit": unit.value, "expected_units": [res.unit]},
-                )
-            expired = now > res.expires + res.grace
-            if expired:
-                self._expire_locked(res, now)
-            else:
-                budgets = self._load_budgets(res.budgeted, res.unit)
-                for b in budgets:
-                    b.roll(now)
-                charged = self._settle(
-                    budgets, res.reserved, amount, OveragePolicy(res.policy), now, is_commit=True
-                )
-                if budgets:
-                    self._store_settled(budgets, res.reserved, charged)
-                c.execute(
-                    "UPDATE reservations SET status = 'COMMITTED', charged = ?, finalized_ms = ? "
-                    "WHERE id = ?",
-                    (charged, now, res.id),
-                )
-                self._insert_charge(
-                    now, res.tenant, res.scope_path, res.action_kind, res.action_name,
-                    res.unit, charged, metrics, res.id, None,
-                )  # fmt: skip
-                released = max(0, res.reserved - charged)
-                balances_t = tuple(b.balance() for b in budgets)
-                self._idem_put(
-                    res.tenant,
-                    "commit",
-                    key,
-                    payload_hash,
-                    [charged, released, [_enc_balance(b) for b in balances_t]],
-                    now,
-                )
-        if expired:
-            raise self._expired_error(res)
+        res = self._reservation(work, reservation_id, tenant)
+        stored = work.replay(res.tenant, "commit", key, payload_hash)
+        if stored is not None:
+            charged_amt, released_amt, balances = stored
+            return CommitResult(
+                charged=Amount(unit, charged_amt),
+                released=Amount(unit, released_amt),
+                balances=tuple(_dec_balance(b) for b in balances),
+            )
+        self._check_state(res)
+        if unit != res.unit:
+            raise CyclesError(
+                ErrorCode.UNIT_MISMATCH,
+                f"actual.unit {unit} differs from the reservation's unit {res.unit}",
+                details={"requested_unit": unit.value, "expected_units": [res.unit]},
+            )
+        if now > res.expires + res.grace:
+            raise self._expire(work, res, now)
+        budgets = work.budgets_in(res.budgeted, res.unit)
+        for b in budgets:
+            b.roll(now)
+        charged = self._settle(
+            budgets, res.reserved, amount, OveragePolicy(res.policy), now, is_commit=True
+        )
+        work.touch(budgets)
+        res.status = "COMMITTED"
+        res.charged = charged
+        res.finalized = now
+        work.changed(res)
+        work.charges.append(
+            _charge_row(
+                now, res.tenant, res.scope_path, res.action_kind, res.action_name, res.unit,
+                charged, metrics, res.id, None,
+            )
+        )  # fmt: skip
+        released = max(0, res.reserved - charged)
+        balances_t = tuple(b.balance() for b in budgets)
+        work.remember(
+            res.tenant,
+            "commit",
+            key,
+            payload_hash,
+            f"[{charged},{released},{_balances_json(budgets)}]",
+            now,
+        )
         return CommitResult(
             charged=Amount(unit, charged), released=Amount(unit, released), balances=balances_t
         )
-
-    def _insert_charge(
-        self,
-        now_ms: int,
-        tenant: str,
-        scope_path: str,
-        kind: str,
-        name: str,
-        unit: str,
-        amount: int,
-        metrics: Metrics | None,
-        reservation_id: str | None,
-        event_id: str | None,
-    ) -> None:
-        if metrics is None:
-            tin = tout = latency = None
-        else:
-            tin = _metrics_int(metrics.tokens_input)
-            tout = _metrics_int(metrics.tokens_output)
-            latency = _metrics_int(metrics.latency_ms)
-        self._conn.execute(
-            _SQL_CHARGE,
-            (
-                now_ms, tenant, scope_path, kind, name, unit, amount, tin, tout,
-                _gpu_seconds(metrics), latency, reservation_id, event_id,
-            ),
-        )  # fmt: skip
 
     def release(
         self,
@@ -1264,50 +1457,77 @@ class Ledger:
         reason: str | None = None,
         tenant: str | None = None,
     ) -> ReleaseResult:
+        """Return a reservation's whole amount to its scopes (§4.3)."""
+        return self._single(
+            self._op_release,
+            reservation_id,
+            idempotency_key=idempotency_key,
+            reason=reason,
+            tenant=tenant,
+        )
+
+    def _op_release(
+        self,
+        work: _Work,
+        reservation_id: str,
+        *,
+        idempotency_key: str,
+        reason: str | None = None,
+        tenant: str | None = None,
+    ) -> ReleaseResult:
         key = _check_key(idempotency_key)
         payload_hash = _digest(reservation_id, reason)
         now = self._clock()
-        with self._tx() as c:
-            res, stored_hash, stored = self._load_reservation(
-                reservation_id, tenant, "release", key
+        res = self._reservation(work, reservation_id, tenant)
+        stored = work.replay(res.tenant, "release", key, payload_hash)
+        if stored is not None:
+            return ReleaseResult(
+                released=Amount(_UNITS[res.unit], stored[0]),
+                balances=tuple(_dec_balance(b) for b in stored[1]),
             )
-            replay = self._check_replay(stored_hash, stored, payload_hash, key, "release")
-            if replay is not None:
-                return ReleaseResult(
-                    released=Amount(_UNITS[res.unit], replay[0]),
-                    balances=tuple(_dec_balance(b) for b in replay[1]),
-                )
-            self._check_state(res)
-            expired = now > res.expires + res.grace
-            if expired:
-                self._expire_locked(res, now)
-            else:
-                budgets = self._load_budgets(res.budgeted, res.unit)
-                for b in budgets:
-                    b.roll(now)
-                    b.reserved -= res.reserved
-                if budgets:
-                    self._store_settled(budgets, res.reserved, 0)
-                c.execute(
-                    "UPDATE reservations SET status = 'RELEASED', charged = 0, finalized_ms = ? "
-                    "WHERE id = ?",
-                    (now, res.id),
-                )
-                balances = tuple(b.balance() for b in budgets)
-                self._idem_put(
-                    res.tenant,
-                    "release",
-                    key,
-                    payload_hash,
-                    [res.reserved, [_enc_balance(b) for b in balances]],
-                    now,
-                )
-        if expired:
-            raise self._expired_error(res)
+        self._check_state(res)
+        if now > res.expires + res.grace:
+            raise self._expire(work, res, now)
+        budgets = work.budgets_in(res.budgeted, res.unit)
+        for b in budgets:
+            b.roll(now)
+            b.reserved -= res.reserved
+        work.touch(budgets)
+        res.status = "RELEASED"
+        res.charged = 0
+        res.finalized = now
+        work.changed(res)
+        balances = tuple(b.balance() for b in budgets)
+        work.remember(
+            res.tenant,
+            "release",
+            key,
+            payload_hash,
+            f"[{res.reserved},{_balances_json(budgets)}]",
+            now,
+        )
         return ReleaseResult(released=Amount(_UNITS[res.unit], res.reserved), balances=balances)
 
     def extend(
         self,
+        reservation_id: str,
+        *,
+        idempotency_key: str,
+        extend_by_ms: int,
+        tenant: str | None = None,
+    ) -> ExtendResult:
+        """Move ``expires_at`` out by ``extend_by_ms`` (§4.4, §5.5)."""
+        return self._single(
+            self._op_extend,
+            reservation_id,
+            idempotency_key=idempotency_key,
+            extend_by_ms=extend_by_ms,
+            tenant=tenant,
+        )
+
+    def _op_extend(
+        self,
+        work: _Work,
         reservation_id: str,
         *,
         idempotency_key: str,
@@ -1323,50 +1543,75 @@ class Ledger:
             raise _invalid(f"extend_by_ms must be between 1 and {EXTEND_MAX_MS}")
         payload_hash = _digest(reservation_id, extend_by_ms)
         now = self._clock()
-        with self._tx() as c:
-            res, stored_hash, stored = self._load_reservation(reservation_id, tenant, "extend", key)
-            replay = self._check_replay(stored_hash, stored, payload_hash, key, "extend")
-            if replay is not None:
-                expires = replay[0]
-                return ExtendResult(
-                    expires_at_ms=expires,
-                    remaining_ttl_ms=max(0, expires - now) if res.status == "ACTIVE" else 0,
-                    balances=tuple(_dec_balance(b) for b in replay[1]),
-                )
-            self._check_state(res)
-            if now > res.expires:
-                raise self._expired_error(res)
-            if res.extensions >= MAX_EXTENSIONS:
-                raise CyclesError(
-                    ErrorCode.MAX_EXTENSIONS_EXCEEDED,
-                    f"Reservation {res.id} was already extended {MAX_EXTENSIONS} times",
-                )
-            expires = res.expires + extend_by_ms
-            c.execute(
-                "UPDATE reservations SET expires_ms = ?, deadline_ms = ?, "
-                "extension_count = extension_count + 1 WHERE id = ?",
-                (expires, expires + res.grace, res.id),
+        res = self._reservation(work, reservation_id, tenant)
+        stored = work.replay(res.tenant, "extend", key, payload_hash)
+        if stored is not None:
+            expires = stored[0]
+            return ExtendResult(
+                expires_at_ms=expires,
+                remaining_ttl_ms=max(0, expires - now) if res.status == "ACTIVE" else 0,
+                balances=tuple(_dec_balance(b) for b in stored[1]),
             )
-            budgets = self._load_budgets(res.budgeted, res.unit)
-            for b in budgets:
-                b.roll(now)
-            balances = tuple(b.balance() for b in budgets)
-            self._idem_put(
-                res.tenant,
-                "extend",
-                key,
-                payload_hash,
-                [expires, [_enc_balance(b) for b in balances]],
-                now,
+        self._check_state(res)
+        if now > res.expires:
+            raise CyclesError(
+                ErrorCode.RESERVATION_EXPIRED,
+                f"Reservation {res.id} expired at {res.expires}; extend is not allowed after it",
             )
+        if res.extensions >= MAX_EXTENSIONS:
+            raise CyclesError(
+                ErrorCode.MAX_EXTENSIONS_EXCEEDED,
+                f"Reservation {res.id} was already extended {MAX_EXTENSIONS} times",
+            )
+        res.expires += extend_by_ms
+        res.extensions += 1
+        work.changed(res)
+        budgets = work.budgets_in(res.budgeted, res.unit)
+        for b in budgets:
+            b.roll(now)
+        balances = tuple(b.balance() for b in budgets)
+        work.remember(
+            res.tenant,
+            "extend",
+            key,
+            payload_hash,
+            f"[{res.expires},{_balances_json(budgets)}]",
+            now,
+        )
         return ExtendResult(
-            expires_at_ms=expires, remaining_ttl_ms=expires - now, balances=balances
+            expires_at_ms=res.expires, remaining_ttl_ms=res.expires - now, balances=balances
         )
 
     # ---------------------------------------------------------------- events
 
     def event(
         self,
+        *,
+        idempotency_key: str,
+        subject: Subject,
+        action: Action,
+        actual: Amount,
+        overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE,
+        metrics: Metrics | None = None,
+        metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
+    ) -> EventResult:
+        """Direct debit without a reservation (§4.8), under the commit overage rules."""
+        return self._single(
+            self._op_event,
+            idempotency_key=idempotency_key,
+            subject=subject,
+            action=action,
+            actual=actual,
+            overage_policy=overage_policy,
+            metrics=metrics,
+            metadata=metadata,
+            tenant=tenant,
+        )
+
+    def _op_event(
+        self,
+        work: _Work,
         *,
         idempotency_key: str,
         subject: Subject,
@@ -1393,37 +1638,62 @@ class Ledger:
             _metrics_canonical(metrics), _canonical(metadata),
         )  # fmt: skip
         now = self._clock()
-        with self._tx():
-            stored = self._idem_get(owner, "event", key, payload_hash)
-            if stored is not None:
-                event_id, charged, balances = stored
-                return EventResult(
-                    event_id=event_id,
-                    charged=Amount(unit, charged),
-                    balances=tuple(_dec_balance(b) for b in balances),
-                )
-            budgets, others = self._load_subject_budgets(scopes, unit)
-            if not budgets:
-                raise self._no_budget(scopes, unit, others)
-            for b in budgets:
-                b.roll(now)
-            charged = self._settle(budgets, 0, amount, policy, now, is_commit=False)
-            self._store_settled(budgets, 0, charged)
-            event_id = str(uuid.uuid4())
-            self._insert_charge(
+        stored = work.replay(owner, "event", key, payload_hash)
+        if stored is not None:
+            event_id, charged, balances = stored
+            return EventResult(
+                event_id=event_id,
+                charged=Amount(unit, charged),
+                balances=tuple(_dec_balance(b) for b in balances),
+            )
+        budgets, others = work.subject_budgets(scopes, unit.value)
+        if not budgets:
+            raise self._no_budget(scopes, unit, others)
+        for b in budgets:
+            b.roll(now)
+        charged = self._settle(budgets, 0, amount, policy, now, is_commit=False)
+        work.touch(budgets)
+        event_id = str(uuid.uuid4())
+        work.charges.append(
+            _charge_row(
                 now, owner, scopes[-1], action.kind, action.name, unit.value, charged,
                 metrics, None, event_id,
-            )  # fmt: skip
-            balances_t = tuple(b.balance() for b in budgets)
-            self._idem_put(
-                owner,
-                "event",
-                key,
-                payload_hash,
-                [event_id, charged, [_enc_balance(b) for b in balances_t]],
-                now,
             )
+        )  # fmt: skip
+        balances_t = tuple(b.balance() for b in budgets)
+        work.remember(
+            owner,
+            "event",
+            key,
+            payload_hash,
+            f'["{event_id}",{charged},{_balances_json(budgets)}]',
+            now,
+        )
         return EventResult(event_id=event_id, charged=Amount(unit, charged), balances=balances_t)
+
+    # ---------------------------------------------------------------- balances
+
+    def balances(self, subject: Subject, *, tenant: str | None = None) -> list[Balance]:
+        """Balances of every derived scope of ``subject`` that has a budget (any unit)."""
+        return self._single(self._op_balances, subject, tenant=tenant)
+
+    def _op_balances(
+        self, work: _Work, subject: Subject, *, tenant: str | None = None
+    ) -> list[Balance]:
+        scopes, owner, _ = _subject_info(subject)
+        if not scopes:
+            raise _invalid("subject needs at least one level")
+        if tenant is not None and tenant.lower() != owner:
+            raise CyclesError(ErrorCode.FORBIDDEN, "subject.tenant does not match the caller")
+        now = self._clock()
+        work.load_scopes(scopes)
+        out = []
+        for s in scopes:
+            for unit in sorted(work.budgets[s]):
+                b = work.budgets[s][unit]
+                b.roll(now)  # the view as of now; written only if an operation changes it
+                out.append(b.balance())
+        return out
 
     # ---------------------------------------------------------------- expiry
 
@@ -1464,21 +1734,6 @@ class Ledger:
         return len(rows)
 
     # ---------------------------------------------------------------- reads
-
-    def balances(self, subject: Subject, *, tenant: str | None = None) -> list[Balance]:
-        """Balances of every derived scope of ``subject`` that has a budget (any unit)."""
-        scopes = subject.scopes()
-        if not scopes:
-            raise _invalid("subject needs at least one level")
-        if tenant is not None and tenant.lower() != subject.tenant.lower():
-            raise CyclesError(ErrorCode.FORBIDDEN, "subject.tenant does not match the caller")
-        now = self._clock()
-        rows = self._conn.execute(_SQL_BUDGETS_FOR_SCOPES[len(scopes)], scopes).fetchall()
-        order = {s: i for i, s in enumerate(scopes)}
-        budgets = sorted((_Budget(r) for r in rows), key=lambda b: (order[b.scope], b.unit))
-        for b in budgets:
-            b.roll(now)
-        return [b.balance() for b in budgets]
 
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
         row = self._conn.execute(
@@ -1665,7 +1920,7 @@ class Ledger:
 # --------------------------------------------------------------------------------------------
 
 
-_Call = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Call = tuple[_Op | Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 _Outcome = tuple["asyncio.Future[Any]", asyncio.AbstractEventLoop, bool, Any]
 
 
@@ -1692,13 +1947,16 @@ class EmbeddedAuthority:
 
     Calls are queued and executed by a single worker (a ``ThreadPoolExecutor`` with one
     thread), which drains the queue in batches: everything that arrived while the previous
-    batch ran is executed in one SQLite transaction (:meth:`Ledger.batch`, one savepoint per
-    call) and the results are delivered after its COMMIT. Under concurrency this group commit
-    shares one BEGIN/COMMIT and one write of the hot budget pages among many requests; with a
-    single caller every call is its own transaction.
+    batch ran is executed in one SQLite transaction (:meth:`Ledger.run_many`) and the results
+    are delivered after its COMMIT. A batch loads and writes its rows with a few statements
+    whatever its size, so under load the worker needs few round trips through SQLite, each of
+    which hands the GIL to the (busy) event loop and has to win it back.
 
     SQLite failures (a locked or full disk, a corrupt file) surface as
-    :class:`~.base.AuthorityUnavailable` so that the proxy's failure policy decides.
+    :class:`~.base.AuthorityUnavailable` so that the proxy's failure policy decides. Settlements
+    (commit, release, event) are the exception: they report spend that already happened, so
+    while the file cannot be written (another process holds the lock past the busy timeout,
+    the disk is full) they are retried for up to ``settle_retry_s`` before giving up.
     """
 
     name = "embedded"
@@ -1711,8 +1969,10 @@ class EmbeddedAuthority:
         clock_ms: Callable[[], int] = _wall_clock_ms,
         synchronous: str = "NORMAL",
         max_batch: int = 128,
+        settle_retry_s: float = 60.0,
     ) -> None:
         self.sweep_interval_s = sweep_interval_s
+        self.settle_retry_s = settle_retry_s
         self.max_batch = max(1, max_batch)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cycles-ledger")
         # Opened here with check_same_thread=False, then used only from the worker thread.
@@ -1731,21 +1991,43 @@ class EmbeddedAuthority:
         return self._ledger
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` (a ledger operation) on the worker thread.
+        """Run ``fn(*args, **kwargs)`` (typically a ledger method) on the worker thread, inside
+        the transaction of the batch it lands in.
 
         If the awaiting task is cancelled before the call ran, it does not run."""
+        job = functools.partial(fn, *args, **kwargs) if args or kwargs else fn
+        result: T = await self._submit(job)
+        return result
+
+    async def _submit(self, item: _Op | Callable[[], Any]) -> Any:
         if self._closed:
             raise AuthorityUnavailable("the embedded ledger is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        job = functools.partial(fn, *args, **kwargs) if args or kwargs else fn
+        future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
-            self._pending.append((job, future, loop))
+            self._pending.append((item, future, loop))
             start = not self._draining
             self._draining = True
         if start:
             self._executor.submit(self._drain)
         return await future
+
+    async def _settle(self, op: _Op) -> Any:
+        """:meth:`_submit` for a settlement: retried while SQLite cannot write (locked, full).
+        Retrying is safe: a failed transaction left nothing behind, and the idempotency key is
+        the same on every attempt."""
+        deadline = time.monotonic() + self.settle_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await self._submit(op)
+            except AuthorityUnavailable as exc:
+                transient = isinstance(exc.__cause__, sqlite3.OperationalError)
+                if not transient or self._closed or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("ledger not writable (%s); retrying in %.2f s", exc.__cause__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     # -- worker thread
 
@@ -1763,24 +2045,19 @@ class EmbeddedAuthority:
         # Reading cancelled() from this thread is a benign race: at worst a call whose
         # caller just went away still runs, exactly as if it had been cancelled a bit later.
         live = [call for call in batch if not call[1].cancelled()]
-        outcomes: list[_Outcome] = []
+        if not live:
+            return
+        outcomes: list[_Outcome]
         try:
-            if len(live) == 1:
-                job, future, loop = live[0]
-                try:
-                    outcomes.append((future, loop, True, job()))
-                except Exception as exc:
-                    outcomes.append((future, loop, False, _unavailable(exc)))
-            elif live:
-                with self._ledger.batch():
-                    for job, future, loop in live:
-                        try:
-                            outcomes.append((future, loop, True, job()))
-                        except Exception as exc:
-                            outcomes.append((future, loop, False, _unavailable(exc)))
+            results = self._ledger.run_many([item for item, _, _ in live])
         except Exception as exc:  # the group COMMIT failed: nothing of the batch is durable
             error = _unavailable(exc)
             outcomes = [(future, loop, False, error) for _, future, loop in live]
+        else:
+            outcomes = [
+                (future, loop, ok, value if ok else _unavailable(value))
+                for (_, future, loop), (ok, value) in zip(live, results, strict=True)
+            ]
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for outcome in outcomes:
             by_loop.setdefault(outcome[1], []).append(outcome)
@@ -1825,7 +2102,8 @@ class EmbeddedAuthority:
             self._executor.shutdown(wait=False)
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
-        return await self.call(self._ledger.reserve, req)
+        result: Reservation = await self._submit(_Op("reserve", (req,), {}))
+        return result
 
     async def commit(
         self,
@@ -1836,31 +2114,28 @@ class EmbeddedAuthority:
         metrics: Metrics | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> CommitResult:
-        return await self.call(
-            self._ledger.commit,
-            reservation_id,
-            idempotency_key=idempotency_key,
-            actual=actual,
-            metrics=metrics,
-            metadata=metadata,
-        )
+        kwargs = {
+            "idempotency_key": idempotency_key,
+            "actual": actual,
+            "metrics": metrics,
+            "metadata": metadata,
+        }
+        result: CommitResult = await self._settle(_Op("commit", (reservation_id,), kwargs))
+        return result
 
     async def release(
         self, reservation_id: str, *, idempotency_key: str, reason: str | None = None
     ) -> ReleaseResult:
-        return await self.call(
-            self._ledger.release, reservation_id, idempotency_key=idempotency_key, reason=reason
-        )
+        kwargs = {"idempotency_key": idempotency_key, "reason": reason}
+        result: ReleaseResult = await self._settle(_Op("release", (reservation_id,), kwargs))
+        return result
 
     async def extend(
         self, reservation_id: str, *, idempotency_key: str, extend_by_ms: int
     ) -> ExtendResult:
-        return await self.call(
-            self._ledger.extend,
-            reservation_id,
-            idempotency_key=idempotency_key,
-            extend_by_ms=extend_by_ms,
-        )
+        kwargs = {"idempotency_key": idempotency_key, "extend_by_ms": extend_by_ms}
+        result: ExtendResult = await self._submit(_Op("extend", (reservation_id,), kwargs))
+        return result
 
     async def event(
         self,
@@ -1873,16 +2148,18 @@ class EmbeddedAuthority:
         metrics: Metrics | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EventResult:
-        return await self.call(
-            self._ledger.event,
-            idempotency_key=idempotency_key,
-            subject=subject,
-            action=action,
-            actual=actual,
-            overage_policy=overage_policy,
-            metrics=metrics,
-            metadata=metadata,
-        )
+        kwargs = {
+            "idempotency_key": idempotency_key,
+            "subject": subject,
+            "action": action,
+            "actual": actual,
+            "overage_policy": overage_policy,
+            "metrics": metrics,
+            "metadata": metadata,
+        }
+        result: EventResult = await self._settle(_Op("event", (), kwargs))
+        return result
 
     async def balances(self, subject: Subject) -> list[Balance]:
-        return await self.call(self._ledger.balances, subject)
+        result: list[Balance] = await self._submit(_Op("balances", (subject,), {}))
+        return result

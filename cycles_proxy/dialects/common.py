@@ -87,6 +87,8 @@ def load_json_object(raw: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # an integer with thousands of digits (int_max_str_digits)
+        raise BadRequest(f"request body has a number too large to read: {exc}") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(obj).__name__}")
     return obj
@@ -96,6 +98,10 @@ def require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise BadRequest('"model" is required and must be a non-empty string')
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": legal JSON, but no text; it cannot be stored
+        raise BadRequest('"model" contains an unpaired UTF-16 surrogate escape') from None
     return model
 
 
@@ -108,14 +114,19 @@ def optional_bool(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+#: the largest output length the proxy reckons with (a larger cap is passed on unchanged)
+MAX_COUNT = 2**31 - 1
+
+
 def optional_count(container: dict[str, Any], key: str, where: str = "") -> int | None:
     value = container.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f'"{where}{key}" must be an integer')
-    # Ollama treats num_predict < 0 as "no limit"
-    return value if value >= 0 else None
+    # Ollama treats num_predict < 0 as "no limit"; no model writes more than MAX_COUNT tokens,
+    # so a larger cap is the same as that one (and keeps estimates within int64)
+    return min(value, MAX_COUNT) if value >= 0 else None
 
 
 def text_size(value: Any, _depth: int = 0) -> int:

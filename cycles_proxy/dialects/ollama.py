@@ -61,7 +61,9 @@ def parse_request(endpoint: str, raw: bytes) -> ParsedRequest:
 
 def set_output_cap(parsed: ParsedRequest, max_tokens: int) -> None:
     """Cap generation length (used when the budget only affords a shorter answer)."""
-    options = parsed.body.setdefault("options", {})
+    options = parsed.body.get("options")
+    if not isinstance(options, dict):  # absent, or "options": null
+        options = parsed.body["options"] = {}
     current = parsed.max_output_tokens
     options["num_predict"] = max_tokens if current is None else min(current, max_tokens)
 
