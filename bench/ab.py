@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,8 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=-10)
     p.add_argument("--json", help="write the per-round numbers here")
     args = p.parse_args()
+    # SIGTERM stops the run like Ctrl-C: every process it started is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workloads = args.workload or ["c1", "c16"]
     work = Path(tempfile.mkdtemp(prefix="cycles-ab-"))
     procs: list[Proc] = []

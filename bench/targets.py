@@ -193,10 +193,12 @@ http {{
     upstream model {{
         server 127.0.0.1:{upstream};
         keepalive 256;
+        keepalive_requests 1000000;
     }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         client_max_body_size 16m;
+        keepalive_requests 1000000;
         location / {{
             proxy_pass http://model;
             proxy_http_version 1.1;

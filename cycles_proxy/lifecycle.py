@@ -60,6 +60,7 @@ class Reply(Exception):
         code: str,
         outcome: str,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -67,6 +68,8 @@ class Reply(Exception):
         self.code = code
         self.outcome = outcome
         self.headers = headers or {}
+        #: for budget denials: why (the Cycles error code, lower-cased), for metrics
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -168,7 +171,7 @@ class Proxy:
             return await self.metered(request, route, tenant, rec)
         except Reply as r:
             rec.status, rec.outcome = r.status, r.outcome
-            rec.error = r.message
+            rec.error, rec.denial_reason = r.message, r.reason
             return error_response(route.dialect, r.status, r.message, r.code, r.headers)
         finally:
             rec.duration_ms = (time.perf_counter_ns() - t0) / 1e6
@@ -250,6 +253,8 @@ class Proxy:
         try:
             resp = await relay_passthrough(request, self.upstream)
         except (aiohttp.ClientError, TimeoutError) as exc:  # before the response began
+            if isinstance(exc.__cause__, web.RequestPayloadError):  # the caller's body, not us
+                raise unreadable_body(exc.__cause__, request) from None
             raise upstream_failed(exc, self.settings) from None
         rec.status = resp.status
         return resp
@@ -358,17 +363,7 @@ class Proxy:
         except web.HTTPRequestEntityTooLarge:
             raise body_too_large(limit) from None
         except web.RequestPayloadError as exc:  # e.g. not the gzip its Content-Encoding says
-            cause = exc.__cause__ or exc
-            detail = getattr(cause, "message", "") or str(cause) or type(cause).__name__
-            encoding = request.headers.get("Content-Encoding")
-            raise Reply(
-                400,
-                "the request body could not be read"
-                + (f" (Content-Encoding: {encoding})" if encoding else "")
-                + f": {detail}",
-                code="invalid_request",
-                outcome="bad_request",
-            ) from None
+            raise unreadable_body(exc, request) from None
         except TimeoutError:
             raise Reply(
                 408,
@@ -661,6 +656,7 @@ class Proxy:
         rec.tokens_input, rec.tokens_output = tokens_in, tokens_out
         if ex.first_byte_ns and ex.sent_ns:
             rec.ttfb_ms = (ex.first_byte_ns - ex.sent_ns) / 1e6
+        rec.upstream_ms = wall_ns / 1e6
         if not ex.worked:
             if reservation is not None and reservation.reservation_id:
                 await self._release(reservation, "no_upstream_work", rec)
@@ -899,7 +895,14 @@ def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
         if exc.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, exc.retry_after_s))
             msg += f"; the budget refills in {exc.retry_after_s} s"
-        return Reply(429, msg, code="budget_exceeded", outcome="denied", headers=headers)
+        return Reply(
+            429,
+            msg,
+            code="budget_exceeded",
+            outcome="denied",
+            headers=headers,
+            reason=str(exc.code).lower(),
+        )
     if exc.code is ErrorCode.NOT_FOUND:
         return Reply(
             403,
@@ -908,6 +911,7 @@ def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
             code="no_budget",
             outcome="denied",
             headers={"x-should-retry": "false"},
+            reason="no_budget",
         )
     if exc.code is ErrorCode.UNIT_MISMATCH:
         return Reply(
@@ -917,6 +921,7 @@ def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
             code="unit_mismatch",
             outcome="denied",
             headers={"x-should-retry": "false"},
+            reason="unit_mismatch",
         )
     return Reply(
         503 if exc.http_status >= 500 else 403,
@@ -924,6 +929,7 @@ def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
         code=str(exc.code).lower(),
         outcome="denied",
         headers={"x-should-retry": "false"},
+        reason=str(exc.code).lower(),
     )
 
 
@@ -932,6 +938,20 @@ def body_too_large(limit: int) -> Reply:
         413,
         f"request body is larger than the proxy's limit of {limit} bytes (setting max_body_bytes)",
         code="request_too_large",
+        outcome="bad_request",
+    )
+
+
+def unreadable_body(exc: BaseException, request: web.Request) -> Reply:
+    cause = exc.__cause__ or exc
+    detail = getattr(cause, "message", "") or str(cause) or type(cause).__name__
+    encoding = request.headers.get("Content-Encoding")
+    return Reply(
+        400,
+        "the request body could not be read"
+        + (f" (Content-Encoding: {encoding})" if encoding else "")
+        + f": {detail}",
+        code="invalid_request",
         outcome="bad_request",
     )
 

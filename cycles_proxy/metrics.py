@@ -69,29 +69,10 @@ _SETTLEMENTS = BILLED | {"released", "none", "failed", "release_failed", "unsett
 #: authority refusals that are budget decisions (counted as denials), not authority errors
 _DECISIONS = DENIAL_CODES | {ErrorCode.NOT_FOUND, ErrorCode.UNIT_MISMATCH}
 
-# Denial messages of lifecycle.denial(), for records that do not carry denial_reason yet.
-_DENIAL_MESSAGES = (
-    ("cannot cover this request", "budget_exceeded"),
-    ("is over its limit", "overdraft_limit_exceeded"),
-    ("outstanding debt", "debt_outstanding"),
-    ("budget is frozen", "budget_frozen"),
-    ("the tenant is closed", "tenant_closed"),
-    ("budget is closed", "budget_closed"),
-    ("has no budget", "no_budget"),
-    ("in another unit", "unit_mismatch"),
-    ("authority refused", "refused"),
-)
-
 
 def denial_reason(rec: RequestRecord) -> str:
-    """A bounded reason for a denied request."""
-    if rec.denial_reason:
-        return rec.denial_reason[:MAX_LABEL_LEN]
-    msg = rec.error or ""
-    for fragment, reason in _DENIAL_MESSAGES:
-        if fragment in msg:
-            return reason
-    return OTHER
+    """A bounded reason for a denied request (the lifecycle sets it on every denial)."""
+    return (rec.denial_reason or OTHER)[:MAX_LABEL_LEN]
 
 
 def settlement_kind(settlement: str | None) -> str:

@@ -34,6 +34,9 @@ HOP_BY_HOP = frozenset(
 #: request headers never forwarded: hop-by-hop, the tenant's credentials, and Host (rewritten)
 _DROP_REQUEST = HOP_BY_HOP | {"host", "authorization", "x-api-key", "content-length"}
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+#: request Content-Encodings that aiohttp's server decodes before the handler reads the body
+#: (it refuses, with a 400, those it cannot decode)
+SERVER_DECODES = frozenset({"gzip", "deflate", "br", "zstd"})
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -159,11 +162,14 @@ def cut_transfer(request: web.Request) -> None:
 async def relay_passthrough(request: web.Request, upstream: Upstream) -> web.StreamResponse:
     """Forward any unmetered request both ways, streaming, with only the documented edits.
     Upstream failures before the response began propagate (the caller answers 502/504)."""
-    length = request.content_length
+    # a compressed body arrives decoded: forward it as what it now is (no encoding, and no
+    # longer the length the client declared: chunked)
+    decoded = request.headers.get("Content-Encoding", "").lower() in SERVER_DECODES
+    length = None if decoded else request.content_length
     body: Any = None
     if request.body_exists:
         body = request.content
-    headers = upstream.request_headers(request.headers, content_length=length)
+    headers = upstream.request_headers(request.headers, content_length=length, decoded_body=decoded)
     async with upstream.open(
         request.method, origin_form(request), headers, body, upstream.passthrough_timeout
     ) as up:

@@ -137,7 +137,6 @@ class RawUpstream:
     behaviour: Behaviour
     port: int = 0
     connections: int = 0
-    _server: asyncio.base_events.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property

@@ -452,6 +452,28 @@ async def test_passthrough_upstream_faults_are_a_502(
             assert (await r.json())["error"].startswith("the model server ")
 
 
+async def test_passthrough_broken_mid_response_is_cut_not_ended(start_proxy: StartProxy) -> None:
+    """A pass-through answer (here a pull's progress) whose upstream resets mid-way: the caller
+    sees a broken transfer, not a clean end of a truncated answer."""
+    async with raw_upstream(
+        chunked_then("application/x-ndjson", [b'{"status":"pulling manifest"}\n'], "rst")
+    ) as up:
+        h = await proxy_for(start_proxy, up.url)
+        admin = h.key("ops", role="admin")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{h.url}/api/pull",
+                json={"model": "llama3.2"},
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as r,
+        ):
+            assert r.status == 200
+            assert await r.content.readline() == b'{"status":"pulling manifest"}\n'
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+
+
 # -------------------------------------------------------------------------------------------
 # 3. authority faults: the failure policy applies; nothing is lost or charged twice
 # -------------------------------------------------------------------------------------------
@@ -831,7 +853,7 @@ async def test_sigterm_drains_then_exits_cleanly_with_everything_settled(
     key = KeyStore(db).create("acme")[0]
     Ledger(db).set_budget("tenant:acme", Settings().unit, BIG)
     port = free_port()
-    proc = await spawn_proxy(db, fake.url, port, CYCLES_PROXY_DRAIN_TIMEOUT_S="0.5")
+    proc = await spawn_proxy(db, fake.url, port, CYCLES_PROXY_DRAIN_TIMEOUT_S="2")
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as s:
         short = await s.post(
@@ -1094,7 +1116,7 @@ async def test_a_greedy_tenant_cannot_fill_the_upstreams_queue(
                 await asyncio.sleep(0.005)
 
         watcher = asyncio.ensure_future(watch())
-        greedy_calls = [asyncio.ensure_future(one(greedy, 40)) for _ in range(12)]
+        greedy_calls = [asyncio.ensure_future(one(greedy, 80)) for _ in range(12)]
         await eventually(lambda: fake.fake.active_generations >= 3)
         polite_answers = await asyncio.gather(*(one(polite, 5) for _ in range(2)))
         greedy_answers = await asyncio.gather(*greedy_calls)
@@ -1145,6 +1167,15 @@ async def test_keys_are_stored_hashed_and_compared_in_constant_time(
     for path in Path(h.settings.db).parent.glob(Path(h.settings.db).name + "*"):
         assert key.encode() not in path.read_bytes()  # nor in the WAL
     assert key not in repr(h.proxy.keys._cache)
+    # sent as x-api-key, it does not reach the upstream either
+    async with aiohttp.ClientSession() as s:
+        for path in ("/api/generate", "/api/tags"):
+            async with s.post(
+                f"{h.url}{path}", json=body_for("/api/generate", False), headers={"x-api-key": key}
+            ) as r:
+                assert r.status in (200, 404)  # POST /api/tags: the upstream's 404
+    for req in fake.fake.requests:
+        assert key not in str(dict(req.headers)) and key.encode() not in req.body
 
 
 ADMIN_SPELLINGS = [
@@ -1266,3 +1297,28 @@ async def test_no_path_spelling_dodges_metering(start_proxy: StartProxy, fake: R
             assert status == 429, (target, status, answer)
             assert b"budget exceeded" in answer
     assert not fake.fake.requests
+
+
+async def test_locked_ledger_under_fail_open_runs_and_records_the_spend_once_unlocked(
+    start_proxy: StartProxy, fake: RunningFake, tmp_path: Path
+) -> None:
+    """fail_open: the locked ledger cannot reserve, so the request runs unreserved; its spend
+    is debited (an event) as soon as the ledger can be written again, exactly once."""
+    db = tmp_path / "locked.db"
+    auth = EmbeddedAuthority(db)
+    h = await proxy_for(
+        start_proxy, fake.url, authority=auth, db=db, failure_policy=FailurePolicy.FAIL_OPEN
+    )
+    await short_busy_timeout(auth, 100)
+    with write_lock(db):
+        answer = asyncio.ensure_future(call(h, "/api/generate", body_for("/api/generate", False)))
+        await fake.fake.wait_until(lambda: fake.fake.completed_generations == 1, timeout_s=10)
+        await asyncio.sleep(0.5)  # the debit keeps failing meanwhile
+        assert h.charges() == []
+    a = await answer
+    assert a.status == 200
+    await eventually(lambda: h.charges())
+    [charge] = h.charges()
+    assert charge["reservation_id"] is None and charge["amount"] > 0
+    assert h.balance("acme").spent == charge["amount"]
+    audit(db)

@@ -28,6 +28,7 @@ from cycles_proxy.authority.base import (
 )
 from cycles_proxy.authority.embedded import EmbeddedAuthority
 from cycles_proxy.metrics import (
+    MAX_LABEL_LEN,
     MAX_MODELS,
     OTHER,
     InstrumentedAuthority,
@@ -634,20 +635,8 @@ def test_denial_reasons_are_bounded_codes() -> None:
         return RequestRecord("POST", "/api/chat", "chat", outcome="denied", **kw)
 
     assert denial_reason(rec(denial_reason="budget_frozen")) == "budget_frozen"
-    assert (
-        denial_reason(
-            rec(
-                error="budget exceeded for tenant 'a': its remaining budget cannot "
-                "cover this request (estimated cost $0.01)"
-            )
-        )
-        == "budget_exceeded"
-    )
-    assert denial_reason(rec(error="tenant 'a' has no budget; an operator ...")) == "no_budget"
-    assert denial_reason(rec(error="budget exceeded for tenant 'a': the tenant is closed")) == (
-        "tenant_closed"
-    )
-    assert denial_reason(rec(error="something new")) == OTHER
+    assert denial_reason(rec(denial_reason="x" * 500)) == "x" * MAX_LABEL_LEN
+    assert denial_reason(rec(error="budget exceeded for tenant 'a'")) == OTHER
 
 
 class ScriptedAuthority:

@@ -61,8 +61,8 @@ async def test_soak_thousands_of_mixed_requests_stay_flat_and_balance(
             learn_estimates=False,
             overage_policy=OveragePolicy.REJECT,
             max_inflight_per_tenant=8,
-            upstream_read_timeout_s=0.3,
-            upstream_first_byte_timeout_s=0.3,
+            upstream_read_timeout_s=1.0,
+            upstream_first_byte_timeout_s=1.0,
         )
         tenants = {f"t{i}": h.key(f"t{i}") for i in range(4)}
         # two rich tenants, one that runs dry part-way, one that never had enough
@@ -119,7 +119,7 @@ async def test_soak_thousands_of_mixed_requests_stay_flat_and_balance(
         assert rss1 - rss0 < 24 * 1024 * 1024, samples  # < ~12 KB per request: no leak
 
     # the mix really was mixed
-    assert statuses[200] > TOTAL // 2 and statuses[429] > 0
+    assert statuses[200] > TOTAL // 3 and statuses[429] > 0
     assert {r.outcome for r in records} >= {"allowed", "denied", "upstream_refused"}
     # the ledger balances to the unit
     books = audit(h.settings.db, settled=True, reject=True)

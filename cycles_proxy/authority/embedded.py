@@ -559,6 +559,24 @@ def _insert_many(
 # rows travel as one JSON array parameter (json_each) and come back as one JSON array
 # (json_group_array). A batch of operations therefore costs a handful of sqlite3_step calls,
 # which matters because each one releases the GIL and must win it back from the event loop.
+# ... and a single operation (the CLI, an idle proxy) uses plain rows, which cost less.
+_SQL_BUDGETS_IN: Final = {
+    n: f"SELECT {_BUDGET_COLS} FROM budgets WHERE scope IN ({','.join('?' * n)})"
+    for n in range(1, len(SUBJECT_LEVELS) + 1)
+}
+_SQL_LOAD_RESERVATION: Final = f"SELECT {_RES_COLS} FROM reservations WHERE id = ?"
+_SQL_LOAD_ONE_IDEMPOTENCY: Final = (
+    "SELECT tenant, endpoint, key, payload_hash, response FROM idempotency "
+    "WHERE tenant = ? AND endpoint = ? AND key = ?"
+)
+_SQL_WRITE_BUDGET: Final = (
+    "UPDATE budgets SET spent = ?, reserved = ?, debt = ?, is_over_limit = ?, period_start_ms = ? "
+    "WHERE scope = ? AND unit = ?"
+)
+_SQL_UPDATE_RESERVATION: Final = (
+    "UPDATE reservations SET status = ?, charged = ?, finalized_ms = ?, expires_ms = ?, "
+    "deadline_ms = ?, extension_count = ? WHERE id = ?"
+)
 _SQL_LOAD_BUDGETS: Final = (
     f"SELECT json_group_array(json_array({_BUDGET_COLS})) FROM budgets "
     "WHERE scope IN (SELECT value FROM json_each(?))"
@@ -714,8 +732,13 @@ class _Work:
             return
         for s in missing:
             self.budgets[s] = {}
-        (text,) = self.conn.execute(_SQL_LOAD_BUDGETS, (_JSON.encode(missing),)).fetchone()
-        for row in json.loads(text):
+        rows: Iterable[Sequence[Any]]
+        if len(missing) <= len(SUBJECT_LEVELS):  # one operation: plain rows are cheaper
+            rows = self.conn.execute(_SQL_BUDGETS_IN[len(missing)], missing).fetchall()
+        else:
+            (text,) = self.conn.execute(_SQL_LOAD_BUDGETS, (_JSON.encode(missing),)).fetchone()
+            rows = json.loads(text)
+        for row in rows:
             b = _Budget(row)
             self.budgets[b.scope][b.unit] = b
 
@@ -741,8 +764,13 @@ class _Work:
             return
         for i in missing:
             self.res[i] = None
-        (text,) = self.conn.execute(_SQL_LOAD_RESERVATIONS, (_JSON.encode(missing),)).fetchone()
-        for row in json.loads(text):
+        rows: Iterable[Sequence[Any]]
+        if len(missing) == 1:
+            rows = self.conn.execute(_SQL_LOAD_RESERVATION, missing).fetchall()
+        else:
+            (text,) = self.conn.execute(_SQL_LOAD_RESERVATIONS, (_JSON.encode(missing),)).fetchone()
+            rows = json.loads(text)
+        for row in rows:
             r = _Res(row)
             self.res[r.id] = r
 
@@ -757,8 +785,13 @@ class _Work:
             return
         for k in missing:
             self.idem[k] = None
-        (text,) = self.conn.execute(_SQL_LOAD_IDEMPOTENCY, (_JSON.encode(missing),)).fetchone()
-        for tenant, endpoint, key, payload_hash, response in json.loads(text):
+        rows: Iterable[Sequence[Any]]
+        if len(missing) == 1:
+            rows = self.conn.execute(_SQL_LOAD_ONE_IDEMPOTENCY, missing[0]).fetchall()
+        else:
+            (text,) = self.conn.execute(_SQL_LOAD_IDEMPOTENCY, (_JSON.encode(missing),)).fetchone()
+            rows = json.loads(text)
+        for tenant, endpoint, key, payload_hash, response in rows:
             self.idem[(tenant, endpoint, key)] = (payload_hash, response)
 
     def replay(self, tenant: str, endpoint: str, key: str, payload_hash: str) -> Any:
@@ -809,19 +842,32 @@ class _Work:
     def flush(self) -> None:
         c = self.conn
         if self.dirty_budgets:
-            rows = [
-                [b.scope, b.unit, b.spent, b.reserved, b.debt, int(b.over), b.period_start]
-                for b in self.dirty_budgets.values()
-            ]
-            c.execute(_SQL_WRITE_BUDGETS, (_JSON.encode(rows),))
+            if len(self.dirty_budgets) <= len(SUBJECT_LEVELS):
+                c.executemany(
+                    _SQL_WRITE_BUDGET,
+                    [
+                        (b.spent, b.reserved, b.debt, int(b.over), b.period_start, b.scope, b.unit)
+                        for b in self.dirty_budgets.values()
+                    ],
+                )
+            else:
+                rows = [
+                    [b.scope, b.unit, b.spent, b.reserved, b.debt, int(b.over), b.period_start]
+                    for b in self.dirty_budgets.values()
+                ]
+                c.execute(_SQL_WRITE_BUDGETS, (_JSON.encode(rows),))
             self.dirty_budgets.clear()
         if self.new_res:
             rows = [r.insert_row() for r in self.new_res.values()]
             _insert_many(c, "INSERT", "reservations", _RES_INSERT_COLS, rows)
             self.new_res.clear()
         if self.changed_res:
-            rows = [r.update_row() for r in self.changed_res.values()]
-            c.execute(_SQL_UPDATE_RESERVATIONS, (_JSON.encode(rows),))
+            if len(self.changed_res) == 1:
+                [r] = self.changed_res.values()
+                c.execute(_SQL_UPDATE_RESERVATION, (*r.update_row()[1:], r.id))
+            else:
+                rows = [r.update_row() for r in self.changed_res.values()]
+                c.execute(_SQL_UPDATE_RESERVATIONS, (_JSON.encode(rows),))
             self.changed_res.clear()
         if self.charges:
             _insert_many(c, "INSERT", "charges", _CHARGE_COLS, self.charges)
