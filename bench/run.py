@@ -731,6 +731,8 @@ def main() -> None:
         },
         "workdir": str(bench.workdir),
     }
+    raw = bench.workdir / "results-raw.json"
+    raw.write_text(json.dumps(data))  # every sample: `python -m bench.report RAW` re-renders
     Path(args.json).write_text(json.dumps(report.compact(data)))
     Path(args.out).write_text(report.render(data))
     print(f"wrote {args.out} and {args.json} (logs in {bench.workdir})", flush=True)

@@ -115,6 +115,42 @@ def buffered(up: aiohttp.ClientResponse) -> bool:
     return length is not None and length <= ollama_dialect.JSON_SCAN_LIMIT
 
 
+class ReadWatchdog:
+    """Cancels the reading task when no data moved for ``gap`` seconds. One timer per stream,
+    re-armed lazily: per chunk the reader only stores ``loop.time()`` (a per-chunk
+    ``asyncio.timeout`` costs a timer handle and a cancellation each time)."""
+
+    __slots__ = ("_gap", "_handle", "_task", "fired", "last", "loop")
+
+    def __init__(self, gap: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._gap = gap
+        self.last = self.loop.time()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(self.last + gap, self._check)
+
+    def _check(self) -> None:
+        deadline = self.last + self._gap
+        if self.loop.time() >= deadline:
+            self.fired = True
+            self._handle = None
+            self._task.cancel()
+        else:
+            self._handle = self.loop.call_at(deadline, self._check)
+
+    def absorb(self) -> None:
+        """The cancellation was ours: take it back so the task can go on (to settle)."""
+        self._task.uncancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Proxy:
     def __init__(
         self,
@@ -550,18 +586,21 @@ class Proxy:
                         )
                     await self.settle_once(m)
                     self.charge_headers(resp, m)
-                    resp.headers["Content-Length"] = str(len(data))
-                    await resp.prepare(request)
-                    await resp.write(data)
                     completed = True
+                    # headers and body leave together, in one send
+                    resp.headers.popall("Content-Length", None)
+                    return web.Response(
+                        status=up.status, reason=up.reason, headers=resp.headers, body=data
+                    )
                 else:
                     await resp.prepare(request)
+                    dog = ReadWatchdog(self.settings.upstream_read_timeout_s)
                     try:
                         first = True
-                        content, gap = up.content, self.settings.upstream_read_timeout_s
+                        content, loop = up.content, dog.loop
                         while True:
-                            async with asyncio.timeout(gap):
-                                chunk = await content.readany()
+                            chunk = await content.readany()
+                            dog.last = loop.time()
                             if not chunk:
                                 break
                             if first:
@@ -574,6 +613,8 @@ class Proxy:
                                 await self.settle_once(m)
                             if out:
                                 await resp.write(out)
+                                dog.last = loop.time()  # a slow caller is not a stalled upstream
+                        dog.stop()
                         tail = scanner.finish()
                         if tail:
                             await resp.write(tail)
@@ -583,14 +624,17 @@ class Proxy:
                             await resp.write(
                                 stream_error_chunk(route.dialect, up.content_type, ENDED_EARLY)
                             )
+                    except asyncio.CancelledError:
+                        if not dog.fired:
+                            raise  # the caller hung up
+                        dog.absorb()  # our own watchdog: the upstream went silent
+                        ex.broke = "TimeoutError: no data within upstream_read_timeout_s"
+                        cut = await self._broke_notice(resp, route, up, scanner)
                     except _UPSTREAM_BROKE as exc:
                         ex.broke = f"{type(exc).__name__}: {exc}".rstrip(": ")
-                        scanner.finish()
-                        notice = stream_error_chunk(route.dialect, up.content_type)
-                        if notice:
-                            await resp.write(notice)
-                        else:
-                            cut = True  # a JSON body cannot carry an error line
+                        cut = await self._broke_notice(resp, route, up, scanner)
+                    finally:
+                        dog.stop()
                 ex.usage = scanner.usage
                 await self.settle_once(m)
                 if cut:
@@ -609,6 +653,19 @@ class Proxy:
                 await cm.__aexit__(None, None, None)
             else:
                 up.close()  # closing the connection is how Ollama and llama.cpp stop generating
+
+    @staticmethod
+    async def _broke_notice(
+        resp: web.StreamResponse, route: Route, up: aiohttp.ClientResponse, scanner: Scanner
+    ) -> bool:
+        """Tell the caller the upstream broke mid-answer; True if the transfer must be cut
+        instead (a JSON body cannot carry an error line)."""
+        scanner.finish()
+        notice = stream_error_chunk(route.dialect, up.content_type)
+        if notice:
+            await resp.write(notice)
+            return False
+        return True
 
     async def settle_once(self, m: Metered) -> None:
         """Settle ``m`` exactly once, shielded: a caller that hangs up cannot cancel it."""

@@ -1274,9 +1274,10 @@ def test_ledger_identity_under_random_operations() -> None:
     )
 
 
-# One operation of a differential round: ("reserve", amount, app, policy, key) |
+# One operation of a differential round: ("reserve", amount, subject index, policy, key) |
 # ("commit", reservation index, actual, key) | ("release", index, key) |
-# ("extend", index, by_ms, key) | ("event", amount, app, policy, key)
+# ("extend", index, by_ms, key) | ("event", amount, subject index, policy, key).
+# A few fixed keys make replays and mismatches (also within one batch) common.
 POLICIES = st.sampled_from(list(OveragePolicy))
 KEYS = st.sampled_from(["k0", "k1", "k2"]) | st.uuids().map(str)
 SUBJECTS = [

@@ -6,9 +6,15 @@ policies, TTL + grace expiry, extend, events, idempotency) plus budget periods a
 Every mutation runs in one ``BEGIN IMMEDIATE`` transaction that re-reads the rows it changes, so
 another process (the CLI) may write the same file at the same time.
 
+Each operation is written against a unit of work (``_Work``): it reads the rows it needs, changes
+them in memory and the unit writes them back with one statement per table. That lets
+:meth:`Ledger.run_many` run a whole batch of operations (a group commit) with a handful of
+statements, whatever the batch size.
+
 :class:`EmbeddedAuthority` adapts a ledger to the async :class:`~.base.Authority` interface: every
 call runs on one dedicated worker thread, so the event loop never blocks on SQLite and all
-operations of this process are serialized.
+operations of this process are serialized; calls that queue up while a batch runs form the next
+batch.
 
 Balances are stored as ``allocated / spent / reserved / debt``; ``remaining`` is never stored, it
 is always ``allocated - spent - reserved - debt``, so that identity cannot drift.
@@ -309,18 +315,6 @@ def _dec_balance(x: list[Any]) -> Balance:
         is_over_limit=bool(x[7]),
         period_ends_at_ms=x[8],
     )
-
-
-def _enc_amount(a: Amount | None) -> list[Any] | None:
-    return None if a is None else [str(a.unit), a.amount]
-
-
-def _dec_amount(x: list[Any] | None) -> Amount | None:
-    return None if x is None else Amount(_UNITS[x[0]], x[1])
-
-
-def _dec_amount_required(x: list[Any]) -> Amount:
-    return Amount(_UNITS[x[0]], x[1])
 
 
 def _gpu_seconds(metrics: Metrics | None) -> float | None:
