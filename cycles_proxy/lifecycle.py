@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
@@ -31,6 +30,7 @@ from cycles_proxy.authority.base import (
     Metrics,
     Reservation,
     ReserveRequest,
+    once_key,
 )
 from cycles_proxy.dialects import ollama as ollama_dialect
 from cycles_proxy.dialects import openai as openai_dialect
@@ -278,7 +278,7 @@ class Proxy:
             try:
                 await auth.extend(
                     reservation.reservation_id,
-                    idempotency_key=str(uuid.uuid4()),
+                    idempotency_key=once_key(),
                     extend_by_ms=ttl // 2,
                 )
             except (CyclesError, AuthorityUnavailable) as exc:
@@ -456,7 +456,7 @@ class Proxy:
 
     async def _reserve_amount(self, tenant: Tenant, action: Action, amount: int) -> Reservation:
         req = ReserveRequest(
-            idempotency_key=str(uuid.uuid4()),
+            idempotency_key=once_key(),
             subject=tenant.subject,
             action=action,
             estimate=Amount(self.unit, amount),
@@ -514,7 +514,7 @@ class Proxy:
         if res.reservation_id:
             self._spawn(
                 self.authority.release(
-                    res.reservation_id, idempotency_key=str(uuid.uuid4()), reason="client_gone"
+                    res.reservation_id, idempotency_key=once_key(), reason="client_gone"
                 )
             )
 
@@ -785,7 +785,7 @@ class Proxy:
         rec: RequestRecord,
     ) -> None:
         assert reservation.reservation_id is not None
-        key = str(uuid.uuid4())
+        key = once_key()
         try:
             result = await self.authority.commit(
                 reservation.reservation_id,
@@ -831,7 +831,7 @@ class Proxy:
         assert reservation.reservation_id is not None
         try:
             await self.authority.release(
-                reservation.reservation_id, idempotency_key=str(uuid.uuid4()), reason=reason
+                reservation.reservation_id, idempotency_key=once_key(), reason=reason
             )
             rec.settlement, rec.charged = "released", 0
         except (CyclesError, AuthorityUnavailable) as exc:
@@ -850,7 +850,7 @@ class Proxy:
     ) -> None:
         try:
             result = await self.auth(tenant).event(
-                idempotency_key=key or str(uuid.uuid4()),
+                idempotency_key=key or once_key(),
                 subject=tenant.subject,
                 action=action,
                 actual=Amount(self.unit, actual),

@@ -47,6 +47,7 @@ from cycles_proxy.authority.base import (
     ReserveRequest,
     Subject,
     Unit,
+    once_key,
 )
 from cycles_proxy.authority.embedded import (
     MAX_EXTENSIONS,
@@ -1583,3 +1584,24 @@ async def test_a_failed_call_in_a_group_commit_leaves_no_trace(db: Path) -> None
         assert (b.allocated, b.reserved) == (100, 30)
     finally:
         await auth.close()
+
+
+def test_single_use_keys_are_not_stored_but_ordinary_keys_replay(ledger: Ledger, db: Path) -> None:
+    ledger.set_budget("tenant:acme", CR, 1000)
+
+    def stored() -> int:
+        conn = sqlite3.connect(db)
+        try:
+            return int(conn.execute("SELECT count(*) FROM idempotency").fetchone()[0])
+        finally:
+            conn.close()
+
+    once = ledger.reserve(rreq(100, idem=once_key()))
+    commit(ledger, once.reservation_id, 40, idem=once_key())
+    assert stored() == 0  # the proxy's own single-use keys cost no idempotency rows
+    assert amounts(bal(ledger, "tenant:acme")) == (40, 0, 0, 960)
+    k = key()
+    first = ledger.reserve(rreq(100, idem=k))
+    assert ledger.reserve(rreq(100, idem=k)).reservation_id == first.reservation_id
+    assert stored() == 1
+    assert bal(ledger, "tenant:acme").reserved == 100  # the replay reserved nothing more

@@ -9,6 +9,7 @@ integers in the budget's unit (design promise 7: no floats touch balances).
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,6 +94,16 @@ DENIAL_CODES = frozenset(
 )
 
 SUBJECT_LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+
+#: Idempotency keys with this prefix are used exactly once, by a caller in the same process that
+#: never resends them (the proxy's request path). The embedded ledger skips storing them for
+#: replay, which halves what each request writes; a remote server treats them like any key.
+ONCE_KEY_PREFIX = "once-"
+
+
+def once_key() -> str:
+    """A fresh single-use idempotency key (see :data:`ONCE_KEY_PREFIX`)."""
+    return ONCE_KEY_PREFIX + uuid.uuid4().hex
 
 
 class CyclesError(Exception):

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 from .base import (
+    ONCE_KEY_PREFIX,
     SUBJECT_LEVELS,
     Action,
     Amount,
@@ -791,6 +792,8 @@ class _Work:
     def replay(self, tenant: str, endpoint: str, key: str, payload_hash: str) -> Any:
         """The stored response for this key, None if new; IDEMPOTENCY_MISMATCH if the key
         was used for a different payload."""
+        if key.startswith(ONCE_KEY_PREFIX):  # a single-use key: nothing to replay
+            return None
         k = (tenant, endpoint, key)
         if k not in self.idem:
             self.load_idempotency((k,))
@@ -817,6 +820,8 @@ class _Work:
         keep_ms: int = IDEMPOTENCY_RETENTION_MS,
     ) -> None:
         """Store a successful response (JSON ``text``) for replays of this key."""
+        if key.startswith(ONCE_KEY_PREFIX):
+            return
         k = (tenant, endpoint, key)
         self.idem[k] = (payload_hash, text)
         self.idem_new[k] = [tenant, endpoint, key, payload_hash, text, now_ms, now_ms + keep_ms]
@@ -2023,6 +2028,8 @@ class EmbeddedAuthority:
         self._lock = threading.Lock()
         self._draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._ckpt_conn: sqlite3.Connection | None = None
         self._closed = False
 
     @property
@@ -2108,11 +2115,34 @@ class EmbeddedAuthority:
     # -- lifecycle
 
     async def start(self) -> None:
+        # WAL checkpoints (and their fsync) run on their own connection and thread, not inside
+        # whichever request's transaction happens to cross the auto-checkpoint size
+        await self.call(self._ledger._conn.execute, "PRAGMA wal_autocheckpoint = 0")
+        if self._checkpointer is None:
+            self._checkpointer = asyncio.create_task(
+                self._checkpoint_loop(), name="cycles-ledger-checkpoint"
+            )
         expired = await self.call(self._ledger.sweep_expired)
         if expired:
             log.info("expired %d stale reservations at startup", expired)
         if self._sweeper is None and self.sweep_interval_s > 0:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="cycles-ledger-sweep")
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except sqlite3.Error as exc:  # busy or locked: the next round catches up
+                log.debug("WAL checkpoint skipped: %s", exc)
+
+    def _checkpoint(self) -> None:
+        if self._ckpt_conn is None:
+            self._ckpt_conn = sqlite3.connect(
+                self._ledger.path, timeout=1.0, isolation_level=None, check_same_thread=False
+            )
+        # PASSIVE never blocks writers; it copies what it can and leaves the rest for later
+        self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -2134,12 +2164,20 @@ class EmbeddedAuthority:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         loop = asyncio.get_running_loop()
         try:
             # FIFO single worker: this runs after the drain job that holds any queued calls.
             await loop.run_in_executor(self._executor, self._ledger.close)
         finally:
             self._executor.shutdown(wait=False)
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         result: Reservation = await self._submit(_Op("reserve", (req,), {}))
