@@ -245,14 +245,7 @@ class Proxy:
         try:
             name = await self.authority.resolve_tenant(key)  # type: ignore[attr-defined]
         except AuthorityUnavailable:
-            raise Reply(
-                503,
-                "the budget authority is unreachable, so the API key cannot be checked; "
-                "retry shortly",
-                code="budget_authority_unavailable",
-                outcome="authority_unavailable",
-                headers={"Retry-After": "5", "x-should-retry": "false"},
-            ) from None
+            raise authority_unreachable("the API key cannot be checked") from None
         if name is None:
             return None
         return replace(self.keys.tenant(name), cycles_key=key)
@@ -434,14 +427,7 @@ class Proxy:
             raise denial(exc, tenant, est.amount, self.unit) from None
         except AuthorityUnavailable as exc:
             if policy is FailurePolicy.FAIL_CLOSED:
-                raise Reply(
-                    503,
-                    "the budget authority is unreachable, so the request was not run; "
-                    "retry shortly",
-                    code="budget_authority_unavailable",
-                    outcome="authority_unavailable",
-                    headers={"Retry-After": "5", "x-should-retry": "false"},
-                ) from exc
+                raise authority_unreachable("the request was not run") from exc
             rec.extra["unreserved"] = f"{policy}: {exc}"
             log.warning("authority unavailable (%s); running unreserved under %s", exc, policy)
             return None, None
@@ -987,6 +973,16 @@ def denial(exc: CyclesError, tenant: Tenant, estimate: int, unit: Any) -> Reply:
         outcome="denied",
         headers={"x-should-retry": "false"},
         reason=str(exc.code).lower(),
+    )
+
+
+def authority_unreachable(consequence: str) -> Reply:
+    return Reply(
+        503,
+        f"the budget authority is unreachable, so {consequence}; retry shortly",
+        code="budget_authority_unavailable",
+        outcome="authority_unavailable",
+        headers={"Retry-After": "5", "x-should-retry": "false"},
     )
 
 
