@@ -331,6 +331,8 @@ class Bench:
         if self.args.cycles_src:
             src = Path(self.args.cycles_src)
             self.meta["cycles_src"] = f"run from the source tree {src}"
+        elif self.args.cycles_rev:
+            src = self.export(self.args.cycles_rev)
         else:
             src = self.snapshot()
 
@@ -442,6 +444,21 @@ class Bench:
             ignore=shutil.ignore_patterns("__pycache__"),
         )
         self.meta["cycles_src"] = f"snapshot of the working tree at {time.strftime('%H:%M:%S')}"
+        return dest
+
+    def export(self, rev: str) -> Path:
+        """cycles_proxy/ exactly as committed at ``rev``."""
+        dest = self.workdir / "src"
+        dest.mkdir(parents=True, exist_ok=True)
+        sha = cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", rev])
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "cycles_proxy"],
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        self.meta["cycles_src"] = f"exported from git {rev} ({sha})"
+        self.meta["cycles_rev"] = sha
         return dest
 
     def stop(self) -> None:
@@ -594,6 +611,7 @@ class Bench:
         dbs = dict(self.meta.get("ledgers", {}))
         if "cycles_server_db" in self.meta:
             dbs["cycles-server (remote ledger)"] = self.meta["cycles_server_db"]
+        dbs.pop("cycles-remote", None)  # its file holds keys only; its ledger is the server's
         for name, db in dbs.items():
             try:
                 con = sqlite3.connect(db)
@@ -684,6 +702,7 @@ def main() -> None:
         default=True,
         help="also run cycles-proxy (embedded) with access_log=false",
     )
+    p.add_argument("--cycles-rev", help="measure cycles_proxy/ as committed at this git revision")
     p.add_argument(
         "--cycles-src",
         help="run cycles-proxy from this source tree (default: a snapshot of cycles_proxy/)",
@@ -707,6 +726,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench(args)
     env = environment()
+    if args.cycles_src or args.cycles_rev:
+        env["cycles-proxy"] = "see below: not the working tree"
     command = "bench/run.sh" + ("" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
     try:
         bench.run()

@@ -1,9 +1,10 @@
 """Runs cycles-proxy for the benchmark, the way ``cycles-proxy serve`` does.
 
-Same ``Settings``, same ``app.start``, same logging setup and event loop as the CLI (plain
-asyncio unless ``--uvloop``). With ``--cycles-url`` the settings name a remote Cycles server
-(``cycles_base_url``, ``cycles_api_key``), as ``CYCLES_BASE_URL``/``CYCLES_API_KEY`` would. The
-one benchmark tenant drives every connection, so ``max_inflight_per_tenant`` is lifted (0).
+Same ``Settings``, same ``app.start``, same logging setup and event loop as the CLI
+(``cli.run_event_loop`` where the tree has it, else plain asyncio; ``--loop`` forces one).
+With ``--cycles-url`` the settings name a remote Cycles server (``cycles_base_url``,
+``cycles_api_key``), as ``CYCLES_BASE_URL``/``CYCLES_API_KEY`` would. The one benchmark tenant
+drives every connection, so ``max_inflight_per_tenant`` is lifted (0).
 
 Run: ``python -m bench.serve_cycles --port 18010 --upstream http://127.0.0.1:18000 --db X.db``
 (prints ``listening <url>``; SIGTERM stops it cleanly).
@@ -153,12 +154,28 @@ def main() -> None:
     )
     p.add_argument("--bootstrap", metavar="KEYFILE", help="fresh ledger; write the key here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting")
-    p.add_argument("--uvloop", action="store_true", help="run on uvloop (experiment)")
+    p.add_argument(
+        "--loop",
+        choices=("cli", "asyncio", "uvloop"),
+        default="cli",
+        help="event loop: as `cycles-proxy serve` picks it (default), or forced",
+    )
+    p.add_argument("--uvloop", action="store_true", help="same as --loop uvloop")
     args = p.parse_args()
-    if args.uvloop:
+    loop = "uvloop" if args.uvloop else args.loop
+    if loop == "uvloop":
         import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        uvloop.run(serve(args))
+        return
+    if loop == "cli":
+        try:
+            from cycles_proxy.cli import run_event_loop  # the CLI's own choice (uvloop if any)
+        except ImportError:  # older trees: the CLI ran plain asyncio
+            pass
+        else:
+            run_event_loop(serve(args))
+            return
     asyncio.run(serve(args))
 
 

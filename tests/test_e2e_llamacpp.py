@@ -104,7 +104,8 @@ async def test_stream_without_include_usage_is_billed_but_the_client_sees_no_usa
         - before["llamacpp:prompt_seconds_total"]
         - before["llamacpp:tokens_predicted_seconds_total"]
     )
-    assert charge["gpu_seconds"] == pytest.approx(server_seconds, abs=0.002)
+    # the counters accumulate the same timings the usage chunk reports (rounded to ms there)
+    assert charge["gpu_seconds"] == pytest.approx(server_seconds, rel=0.02, abs=0.005)
 
 
 async def test_stream_with_include_usage_passes_the_usage_through(
