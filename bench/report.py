@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -507,8 +508,12 @@ def why(data: dict[str, Any]) -> list[str]:
     """Why the targets are missed, with this run's own numbers."""
 
     def cpu(target: str) -> float:
-        return mean(
-            [r.get("target_cpu_us_per_req", math.nan) for r in runs_of(data, "wrk", target)]
+        rs = runs_of(data, "wrk", target)
+        return mean([r.get("target_cpu_us_per_req", math.nan) for r in rs])
+
+    def added(key: str, target: str, q: float) -> float:
+        return pct(pooled(data, key, target, "lat_us"), q) - pct(
+            pooled(data, key, "direct", "lat_us"), q
         )
 
     emb, pas, ngx = cpu("cycles-embedded"), cpu("cycles-pass"), cpu("nginx")
@@ -516,6 +521,8 @@ def why(data: dict[str, Any]) -> list[str]:
     if math.isnan(emb) or math.isnan(pas):
         return []
     speed = data["environment"].get("python speed", "")
+    m = re.search(r"takes ([\d.]+) µs", speed)
+    ratio = f"about {float(m.group(1)) / 9:.1f} times" if m else "several times"
     foreign = mean([r.get("foreign_cores", 0.0) for r in data["runs"]])
     d = [r["tokens_per_s"] for r in runs_of(data, "tput-sse", "direct")]
     n = [r["tokens_per_s"] for r in runs_of(data, "tput-sse", "nginx")]
@@ -523,32 +530,36 @@ def why(data: dict[str, Any]) -> list[str]:
     pd = [r["tokens_per_s"] for r in runs_of(data, "tput-sse-paced", "direct")]
     pe = [r["tokens_per_s"] for r in runs_of(data, "tput-sse-paced", "cycles-embedded")]
     paced = f"{mean(pe) / mean(pd) * 100:.1f} % of direct" if pd and pe else "(not measured)"
-    lines = [
+    p99_emb, p99_pass = (
+        added("lat-c1", "cycles-embedded", 0.99),
+        added("lat-c1", "cycles-pass", 0.99),
+    )
+    p50_pass = added("lat-c1", "cycles-pass", 0.5)
+    return [
         "### Why the targets are missed",
         "",
         f"- **CPU per request.** 1,500 requests/s in one process leaves at most 667 µs of CPU "
         f"per request. Here a metered request costs the proxy {emb:,.0f} µs of CPU at saturation "
-        f"({nolog:,.0f} µs with the access log off), and the pass-through path alone (aiohttp "
-        f"server + aiohttp client, no metering) {pas:,.0f} µs, against {ngx:,.0f} µs for nginx. "
-        "The rest of the metered cost is the embedded ledger (two SQLite transactions on a "
-        "worker thread per request: about half of it, see PROFILE.md's null-authority "
-        "experiment), parsing, metrics and the access log.",
-        f"- **A slow CPU for Python.** {speed}: the same code runs about three times faster "
-        "on a current laptop CPU.",
+        f"({nolog:,.0f} µs with the access log off); the pass-through path alone (aiohttp "
+        f"server + aiohttp client, key lookup, access log, no metering) costs {pas:,.0f} µs, "
+        f"nginx {ngx:,.0f} µs. The other {emb - pas:,.0f} µs are metering: the embedded ledger "
+        "(two SQLite transactions on its worker thread), parsing, estimating, metrics and "
+        "settling; [PROFILE.md](PROFILE.md) splits them.",
+        f"- **Latency at c=1 is that CPU.** Pass-through already adds {ms(p50_pass)} ms at p50 "
+        f"and {ms(p99_pass)} ms at p99; metering adds the two ledger round trips to the worker "
+        f"thread (p99 {ms(p99_emb)} ms).",
+        f"- **A slow CPU for Python.** {speed}: {ratio} slower than a current laptop CPU "
+        "for the same code.",
         f"- **Shared cores.** Load generator, upstream and proxy share two cores (other work "
         f"used {foreign:.2f} cores on average during this run). Unpaced streaming throughput is "
         "a contest for those two cores: any proxy's CPU is taken from the upstream and the "
         f"client, which is why nginx too stays under 95 % of direct there ({ngx_sse}). Paced "
         "at 100 tokens/s per stream, the figure that says whether a proxy keeps up with a "
         f"real model, the metered proxy delivers {paced}.",
-        "- **p99 at c=1.** SQLite's WAL checkpoint (an fsync) runs inside whichever request's "
-        "transaction crosses the checkpoint threshold; PROFILE.md changes 1 and 2 each halve "
-        "that p99.",
         "",
         "What would close the gap, with measured gains: [PROFILE.md](PROFILE.md).",
         "",
     ]
-    return lines
 
 
 def main() -> None:
