@@ -34,7 +34,7 @@ from cycles_proxy.authority.base import (
 )
 from cycles_proxy.dialects import ollama as ollama_dialect
 from cycles_proxy.dialects import openai as openai_dialect
-from cycles_proxy.dialects.common import BadRequest, ParsedRequest, Scanner, Usage
+from cycles_proxy.dialects.common import BadRequest, ParsedRequest, Scanner, Usage, dumps_body
 from cycles_proxy.estimator import Estimate, Estimator
 from cycles_proxy.money import format_amount
 from cycles_proxy.observability import Observer, RequestRecord
@@ -367,7 +367,7 @@ class Proxy:
             cap_output(dialect, route, parsed, cap)
             rec.extra["output_capped_at"] = cap
             edited = True
-        body = json.dumps(parsed.body).encode() if edited else raw
+        body = dumps_body(parsed.body) if edited else raw
         # 7. forward and stream, 8. settle exactly once (even if the caller hangs up)
         m = Metered(tenant, action, parsed, reservation, rec, strip_usage)
         beat = None

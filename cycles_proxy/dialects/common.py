@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 
 class BadRequest(ValueError):
     """The caller's request cannot be metered; the message says what to fix."""
@@ -92,6 +94,21 @@ def load_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(obj).__name__}")
     return obj
+
+
+def loads_response(data: bytes) -> Any:
+    """Decode JSON the upstream sent, fast (orjson: ~7x the stdlib on big answers, which are
+    parsed on the event loop). Raises ValueError like ``json.loads``."""
+    return orjson.loads(data)
+
+
+def dumps_body(body: dict[str, Any]) -> bytes:
+    """Re-encode an edited request body. orjson refuses integers beyond 64 bits, which the
+    stdlib accepts: fall back so an odd body is forwarded rather than refused here."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
 
 
 def require_model(body: dict[str, Any]) -> str:

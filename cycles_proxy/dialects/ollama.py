@@ -5,7 +5,6 @@ Pure functions and small state machines; see ``ollama-api.md`` §3-4 and §7.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from cycles_proxy.dialects.common import (
@@ -14,6 +13,7 @@ from cycles_proxy.dialects.common import (
     Usage,
     as_count,
     load_json_object,
+    loads_response,
     optional_bool,
     optional_count,
     require_model,
@@ -128,7 +128,7 @@ class NdjsonScanner:
             self.usage.chunks += 1
             return
         try:
-            obj = json.loads(line)
+            obj = loads_response(line)
         except (ValueError, RecursionError):
             return
         if not isinstance(obj, dict):
@@ -168,7 +168,7 @@ class JsonScanner:
         if self._too_big or not self._buf:
             return b""
         try:
-            obj = json.loads(b"".join(self._buf))
+            obj = loads_response(b"".join(self._buf))
         except (ValueError, RecursionError):
             return b""
         self._buf.clear()

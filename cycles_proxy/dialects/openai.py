@@ -5,7 +5,6 @@ Pure; see ``ollama-api.md`` §5-6 and ``test-peers.md`` §2.4 for what servers r
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from cycles_proxy.dialects.common import (
@@ -14,6 +13,7 @@ from cycles_proxy.dialects.common import (
     Usage,
     as_count,
     load_json_object,
+    loads_response,
     optional_bool,
     optional_count,
     require_model,
@@ -186,7 +186,7 @@ class SseScanner:
             self.usage.chunks += 1
             return True
         try:
-            obj = json.loads(data)
+            obj = loads_response(data)
         except (ValueError, RecursionError):
             return True
         if not isinstance(obj, dict):
@@ -241,7 +241,7 @@ class OpenAIJsonScanner:
         if not self._buf:
             return b""
         try:
-            obj = json.loads(b"".join(self._buf))
+            obj = loads_response(b"".join(self._buf))
         except (ValueError, RecursionError):
             return b""
         self._buf = None
