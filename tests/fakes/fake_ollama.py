@@ -1573,61 +1573,45 @@ class FakeOllama:
     # ---- native generation routes ---------------------------------------------------------
 
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
-        call = _Call(self, request)
-        body = self._body(call)
-        if isinstance(body, web.Response):
-            return body
-        model = self._model(call, body, "generate")
-        if isinstance(model, web.Response):
-            return model
-        prompt = body.get("prompt", "")
-        options = body.get("options")
-        if not isinstance(prompt, str) or not isinstance(options, dict | None):
-            return call.error(400, "json: cannot unmarshal request: bad prompt or options")
-        keep_alive_zero = _keep_alive_is_zero(body.get("keep_alive"))
-        dialect = _NativeGenerate(model)
-        if not prompt and keep_alive_zero:
-            self._unload(model)
-            return _json_response(dialect.load_body("unload"))
-        n, limited = _token_budget(
-            (options or {}).get("num_predict"), call.opts.default_num_predict
-        )
-        job = _Job(
-            kind="generate" if prompt else "load",
-            model=model,
-            stream=body.get("stream") is not False,
-            prompt_tokens=prompt_tokens_for("/api/generate", body),
-            n_tokens=n,
-            length_limited=limited,
-            keep_alive_zero=keep_alive_zero,
-        )
-        return await self._run_generation(call, job, dialect)
+        return await self._native_generation(request, "generate", "prompt", str, _NativeGenerate)
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._native_generation(request, "chat", "messages", list, _NativeChat)
+
+    async def _native_generation(
+        self,
+        request: web.Request,
+        kind: str,
+        field: str,
+        field_type: type[Any],
+        dialect_cls: type[_NativeGenerate] | type[_NativeChat],
+    ) -> web.StreamResponse:
+        """/api/generate and /api/chat: an empty prompt / message list with keep_alive 0
+        unloads the model, an empty one otherwise only loads it."""
         call = _Call(self, request)
         body = self._body(call)
         if isinstance(body, web.Response):
             return body
-        model = self._model(call, body, "chat")
+        model = self._model(call, body, kind)
         if isinstance(model, web.Response):
             return model
-        messages = body.get("messages") or []
+        value = body.get(field) or field_type()
         options = body.get("options")
-        if not isinstance(messages, list) or not isinstance(options, dict | None):
-            return call.error(400, "json: cannot unmarshal request: bad messages or options")
+        if not isinstance(value, field_type) or not isinstance(options, dict | None):
+            return call.error(400, f"json: cannot unmarshal request: bad {field} or options")
         keep_alive_zero = _keep_alive_is_zero(body.get("keep_alive"))
-        dialect = _NativeChat(model)
-        if not messages and keep_alive_zero:
+        dialect = dialect_cls(model)
+        if not value and keep_alive_zero:
             self._unload(model)
             return _json_response(dialect.load_body("unload"))
         n, limited = _token_budget(
             (options or {}).get("num_predict"), call.opts.default_num_predict
         )
         job = _Job(
-            kind="chat" if messages else "load",
+            kind=kind if value else "load",
             model=model,
             stream=body.get("stream") is not False,
-            prompt_tokens=prompt_tokens_for("/api/chat", body),
+            prompt_tokens=prompt_tokens_for(f"/api/{kind}", body),
             n_tokens=n,
             length_limited=limited,
             keep_alive_zero=keep_alive_zero,
