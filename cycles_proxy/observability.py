@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import orjson
+
 log = logging.getLogger("cycles_proxy")
 _access = logging.getLogger("cycles_proxy.access")
 
@@ -68,7 +70,11 @@ class Observer:
             # a shallow walk of the slots: asdict() deep-copies every value on the hot path
             d = {k: v for k in _FIELDS if (v := getattr(rec, k)) is not None and v != {}}
             d["ts"] = round(time.time(), 3)
-            _access.info(json.dumps(d, separators=(",", ":"), default=str))
+            try:
+                line = orjson.dumps(d, default=str).decode()
+            except TypeError:  # e.g. an integer beyond 64 bits: the stdlib writes anything
+                line = json.dumps(d, separators=(",", ":"), default=str)
+            _access.info(line)
 
 
 def configure_logging(level: str = "INFO") -> None:
