@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
@@ -257,17 +258,38 @@ class Proxy:
             return view
         return self.authority
 
-    async def keep_alive(self, tenant: Tenant, reservation: Reservation) -> None:
-        """Extend the reservation while a long stream runs (a crash still frees it by TTL)."""
+    def keep_alive(self, tenant: Tenant, reservation: Reservation) -> Callable[[], None]:
+        """Extend the reservation while a long stream runs (a crash still frees it by TTL);
+        returns the function that stops it."""
         auth = self.auth(tenant)
         ttl = self.settings.reservation_ttl_ms
         heartbeat = getattr(auth, "heartbeat", None)
         if heartbeat is not None:  # the remote authority follows the spec's algorithm
-            await heartbeat(reservation, ttl)
-            return
+            beat: asyncio.Future[Any] = asyncio.ensure_future(heartbeat(reservation, ttl))
+
+            def stop_heartbeat() -> None:
+                beat.cancel()
+
+            return stop_heartbeat
+        # embedded: most requests end long before half their lease, so only a timer is armed
+        # per request; the extending task exists only for the long ones
+        started: list[asyncio.Task[None]] = []
+
+        def due() -> None:
+            started.append(asyncio.ensure_future(self._extend_every(auth, reservation, ttl)))
+
+        timer = asyncio.get_running_loop().call_later(ttl / 2000, due)
+
+        def stop() -> None:
+            timer.cancel()
+            for task in started:
+                task.cancel()
+
+        return stop
+
+    async def _extend_every(self, auth: Authority, reservation: Reservation, ttl: int) -> None:
         assert reservation.reservation_id is not None
-        while True:  # embedded: extending by half the lease every half lease cannot drift
-            await asyncio.sleep(ttl / 2000)
+        while True:  # extending by half the lease every half lease cannot drift
             try:
                 await auth.extend(
                     reservation.reservation_id,
@@ -277,6 +299,7 @@ class Proxy:
             except (CyclesError, AuthorityUnavailable) as exc:
                 log.warning("extending %s failed: %s", reservation.reservation_id, exc)
                 return
+            await asyncio.sleep(ttl / 2000)
 
     async def _passthrough(self, request: web.Request, rec: RequestRecord) -> web.StreamResponse:
         try:
@@ -370,16 +393,16 @@ class Proxy:
         body = dumps_body(parsed.body) if edited else raw
         # 7. forward and stream, 8. settle exactly once (even if the caller hangs up)
         m = Metered(tenant, action, parsed, reservation, rec, strip_usage)
-        beat = None
+        stop_beat = None
         if reservation is not None and reservation.reservation_id:
-            beat = asyncio.create_task(self.keep_alive(tenant, reservation))
+            stop_beat = self.keep_alive(tenant, reservation)
         self.inflight += 1
         try:
             return await self.forward(request, route, body, m)
         finally:
             self.inflight -= 1
-            if beat is not None:
-                beat.cancel()
+            if stop_beat is not None:
+                stop_beat()
             await self.settle_once(m)
 
     async def read_body(self, request: web.Request) -> bytes:

@@ -445,3 +445,28 @@ async def test_concurrent_requests_never_overspend_with_reject(
     assert bal.spent == sum(ch["amount"] for ch in h.charges())
     assert bal.reserved == 0
     assert {r["status"] for r in h.reservations()} == {"COMMITTED"}
+
+
+async def test_a_stream_longer_than_its_lease_keeps_its_reservation(
+    start_proxy: StartProxy, fake: RunningFake
+) -> None:
+    # a 1 s lease and no grace: without extensions the commit would find it expired
+    h = await start_proxy(
+        fake.url, default_price_per_gpu_second=PRICE, reservation_ttl_ms=1000, grace_period_ms=0
+    )
+    key = h.key("acme")
+    h.budget("acme", 100 * PRICE)
+    c = ollama.AsyncClient(
+        host=h.url, headers={"Authorization": f"Bearer {key}", "x-fake-fault": "token_delay_s=0.1"}
+    )
+    parts = [
+        p
+        async for p in await c.generate(
+            model="llama3.2", prompt="x", stream=True, options={"num_predict": 25}
+        )
+    ]
+    assert parts[-1].done
+    [res] = h.reservations()
+    assert res["status"] == "COMMITTED"
+    assert res["extension_count"] >= 3  # ~2.5 s of stream, extended every half second
+    assert h.balance("acme").spent == h.charges()[0]["amount"]
