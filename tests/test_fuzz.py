@@ -267,6 +267,11 @@ def test_ndjson_and_json_scanners_pass_bytes_through_whatever_the_chunking(
 
 
 @settings(max_examples=300, deadline=None)
+@example(  # found by CI: a run of blank lines cut in two lost a newline when stripping
+    events=[b"\n", b"\n\n", sse({"choices": [{"delta": {"content": ""}, "finish_reason": None}]})],
+    cuts=[3],
+    strip=True,
+)
 @given(
     events=st.lists(sse_events, max_size=12),
     cuts=st.lists(st.integers(min_value=0), max_size=8),

@@ -143,21 +143,31 @@ class SseScanner:
         self._strip = strip_usage
 
     def feed(self, chunk: bytes) -> bytes:
+        # Events are consumed left to right from everything not yet consumed, so where TCP
+        # happens to cut the stream never changes which bytes form an event (a right-to-left
+        # split of a run of blank lines did, and dropped a newline).
         data = self._partial + chunk if self._partial else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self._partial = data
-            return b"" if self._strip else chunk
-        complete, self._partial = data[: cut + 2], data[cut + 2 :]
-        if not self._strip:
-            for event in complete.split(b"\n\n"):
-                if event:
-                    self._event(event)
-            return chunk
         kept: list[bytes] = []
-        for event in complete.split(b"\n\n")[:-1]:
-            if self._event(event):
-                kept.append(event + b"\n\n")
+        pos = 0
+        # A blank line ends an event: LF LF, or CRLF CRLF from servers that write CRLF. The next
+        # CRLF CRLF is remembered so a chunk of many events is scanned once, not once per event.
+        crlf = data.find(b"\r\n\r\n")
+        while True:
+            lf = data.find(b"\n\n", pos)
+            if 0 <= crlf < pos:
+                crlf = data.find(b"\r\n\r\n", pos)
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end, nxt = crlf, crlf + 4
+            elif lf >= 0:
+                end, nxt = lf, lf + 2
+            else:
+                break
+            if self._event(data[pos:end]) and self._strip:
+                kept.append(data[pos:nxt])
+            pos = nxt
+        self._partial = data[pos:]
+        if not self._strip:
+            return chunk
         return b"".join(kept)
 
     def finish(self) -> bytes:
