@@ -111,7 +111,8 @@ class KeyStore:
         self._cache: dict[str, tuple[float, Tenant | None]] = {}
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:  # never under a query running in a worker thread (admin key listing)
+            self._db.close()
 
     def create(self, tenant: str, role: str = "user", label: str | None = None) -> tuple[str, str]:
         """Create a key; returns ``(secret, key_id)``. The secret is shown once, never stored."""

@@ -767,6 +767,53 @@ async def test_shutdown_waits_for_settlements_in_flight(
     audit(h.settings.db)
 
 
+CLOSE_UNDER_CHECKPOINT = """
+import asyncio, sqlite3, sys, tempfile, threading
+from pathlib import Path
+from cycles_proxy.authority.embedded import EmbeddedAuthority
+
+async def once(path):
+    auth = EmbeddedAuthority(path, sweep_interval_s=0)
+    await auth.start()
+    stop = threading.Event()
+    def checkpoints():  # what the checkpoint task's worker thread does, without pause
+        while not stop.is_set():
+            try:
+                auth._checkpoint()
+            except sqlite3.Error:
+                pass
+    threads = [threading.Thread(target=checkpoints) for _ in range(2)]
+    for t in threads:
+        t.start()
+    await asyncio.sleep(0.001)
+    await auth.close()
+    stop.set()
+    for t in threads:
+        t.join()
+
+async def main():
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(100):
+            await once(Path(d) / f"ledger{i}.db")
+
+asyncio.run(main())
+"""
+
+
+def test_closing_the_ledger_while_a_checkpoint_runs_does_not_crash_the_process() -> None:
+    """Cancelling the WAL checkpoint task leaves a checkpoint already running in its thread;
+    closing its connection under it was a SIGSEGV (seen in CI once in ~16 suite runs, and
+    every time by this loop)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSE_UNDER_CHECKPOINT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
 async def test_shutdown_lets_short_streams_finish_and_refuses_new_connections(
     start_proxy: StartProxy, fake: RunningFake
 ) -> None:

@@ -2030,6 +2030,10 @@ class EmbeddedAuthority:
         self._sweeper: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._ckpt_conn: sqlite3.Connection | None = None
+        # Cancelling the checkpoint task does not stop a checkpoint already running in its
+        # thread; closing the connection under it crashed the process (SIGSEGV in sqlite3).
+        # The lock makes close wait for that checkpoint.
+        self._ckpt_lock = threading.Lock()
         self._closed = False
 
     @property
@@ -2137,12 +2141,21 @@ class EmbeddedAuthority:
                 log.debug("WAL checkpoint skipped: %s", exc)
 
     def _checkpoint(self) -> None:
-        if self._ckpt_conn is None:
-            self._ckpt_conn = sqlite3.connect(
-                self._ledger.path, timeout=1.0, isolation_level=None, check_same_thread=False
-            )
-        # PASSIVE never blocks writers; it copies what it can and leaves the rest for later
-        self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        with self._ckpt_lock:
+            if self._closed:
+                return
+            if self._ckpt_conn is None:
+                self._ckpt_conn = sqlite3.connect(
+                    self._ledger.path, timeout=1.0, isolation_level=None, check_same_thread=False
+                )
+            # PASSIVE never blocks writers; it copies what it can and leaves the rest for later
+            self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _close_checkpointer(self) -> None:
+        with self._ckpt_lock:
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -2175,9 +2188,7 @@ class EmbeddedAuthority:
             await loop.run_in_executor(self._executor, self._ledger.close)
         finally:
             self._executor.shutdown(wait=False)
-            if self._ckpt_conn is not None:
-                self._ckpt_conn.close()
-                self._ckpt_conn = None
+            await asyncio.to_thread(self._close_checkpointer)
 
     async def reserve(self, req: ReserveRequest) -> Reservation:
         result: Reservation = await self._submit(_Op("reserve", (req,), {}))
