@@ -33,7 +33,11 @@ def build_authority(settings: Settings) -> Authority:
     from cycles_proxy.authority.embedded import EmbeddedAuthority
 
     settings.db.parent.mkdir(parents=True, exist_ok=True)
-    return EmbeddedAuthority(settings.db, synchronous=settings.db_synchronous)
+    return EmbeddedAuthority(
+        settings.db,
+        synchronous=settings.db_synchronous,
+        max_extensions=settings.max_reservation_extensions,
+    )
 
 
 def create_app(settings: Settings, *, authority: Authority | None = None) -> web.Application:

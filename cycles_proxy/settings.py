@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     """What a commit larger than its reservation does (REJECT never exceeds a budget)."""
     reservation_ttl_ms: int = Field(120_000, ge=1_000, le=86_400_000)
     """Lease of a reservation; long streams extend it while they run."""
+    max_reservation_extensions: int = Field(2_880, ge=0, le=1_000_000)
+    """Extensions the embedded ledger grants one reservation. A running stream is extended by
+    half its lease every half lease, so the default holds a stream's budget for 48 h at the
+    default lease (a crashed proxy extends nothing: its holds still lapse after one lease). A
+    remote Cycles server applies its own limit (the reference server's is 10)."""
     grace_period_ms: int = Field(30_000, ge=0, le=60_000)
     """Extra time after the lease in which a late commit is still accepted."""
 

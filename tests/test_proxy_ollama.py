@@ -462,11 +462,13 @@ async def test_a_stream_longer_than_its_lease_keeps_its_reservation(
     parts = [
         p
         async for p in await c.generate(
-            model="llama3.2", prompt="x", stream=True, options={"num_predict": 25}
+            model="llama3.2", prompt="x", stream=True, options={"num_predict": 70}
         )
     ]
     assert parts[-1].done
     [res] = h.reservations()
     assert res["status"] == "COMMITTED"
-    assert res["extension_count"] >= 3  # ~2.5 s of stream, extended every half second
+    # ~7 s of stream, extended every half second: past the 10 extensions a Cycles reference
+    # server grants, which the embedded ledger must not copy (max_reservation_extensions)
+    assert res["extension_count"] > 10
     assert h.balance("acme").spent == h.charges()[0]["amount"]

@@ -897,12 +897,15 @@ class Ledger:
         synchronous: str = "NORMAL",
         check_same_thread: bool = True,
         retention_ms: int = 7 * DAY_MS,
+        max_extensions: int = MAX_EXTENSIONS,
     ) -> None:
         sync = synchronous.upper()
         if sync not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {_SYNC_MODES}, got {synchronous!r}")
         self.path = os.fspath(path)
         self._clock = clock_ms
+        #: extensions granted to one reservation (MAX_EXTENSIONS_EXCEEDED past it)
+        self.max_extensions = max_extensions
         #: how long finalized/expired reservations are kept (charges are kept forever)
         self.retention_ms = retention_ms
         self._batching = False
@@ -1603,10 +1606,10 @@ class Ledger:
                 ErrorCode.RESERVATION_EXPIRED,
                 f"Reservation {res.id} expired at {res.expires}; extend is not allowed after it",
             )
-        if res.extensions >= MAX_EXTENSIONS:
+        if res.extensions >= self.max_extensions:
             raise CyclesError(
                 ErrorCode.MAX_EXTENSIONS_EXCEEDED,
-                f"Reservation {res.id} was already extended {MAX_EXTENSIONS} times",
+                f"Reservation {res.id} was already extended {self.max_extensions} times",
             )
         res.expires += extend_by_ms
         res.extensions += 1
@@ -2015,6 +2018,7 @@ class EmbeddedAuthority:
         synchronous: str = "NORMAL",
         max_batch: int = 128,
         settle_retry_s: float = 60.0,
+        max_extensions: int = MAX_EXTENSIONS,
     ) -> None:
         self.sweep_interval_s = sweep_interval_s
         self.settle_retry_s = settle_retry_s
@@ -2022,7 +2026,11 @@ class EmbeddedAuthority:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cycles-ledger")
         # Opened here with check_same_thread=False, then used only from the worker thread.
         self._ledger = Ledger(
-            path, clock_ms=clock_ms, synchronous=synchronous, check_same_thread=False
+            path,
+            clock_ms=clock_ms,
+            synchronous=synchronous,
+            check_same_thread=False,
+            max_extensions=max_extensions,
         )
         self._pending: collections.deque[_Call] = collections.deque()
         self._lock = threading.Lock()
