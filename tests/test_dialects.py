@@ -178,6 +178,21 @@ def test_sse_strips_only_the_injected_usage_chunk(split: int) -> None:
     assert s.usage.complete
 
 
+def test_sse_stripping_forwards_each_crlf_event_as_it_arrives() -> None:
+    """Servers that end events with CRLF CRLF are streamed event by event too, not held until
+    an LF LF shows up (which for them never does)."""
+    events = [e.replace(b"\n", b"\r\n") for e in CHAT_STREAM.split(b"\n\n")[:-1]]
+    s = openai.SseScanner(strip_usage=True)
+    out = []
+    for e in events:
+        out.append(s.feed(e + b"\r\n\r\n"))
+    assert out[0] == events[0] + b"\r\n\r\n"  # the first event leaves when it arrives
+    assert out[4] == b""  # the injected usage chunk is hidden
+    assert out[5] == b"data: [DONE]\r\n\r\n"
+    assert s.finish() == b""
+    assert (s.usage.tokens_input, s.usage.tokens_output) == (12, 2)
+
+
 def test_sse_without_stripping_forwards_every_byte() -> None:
     s = openai.SseScanner(strip_usage=False)
     out = b"".join(s.feed(CHAT_STREAM[i : i + 9]) for i in range(0, len(CHAT_STREAM), 9))
