@@ -6,7 +6,8 @@ keep it on loopback or a private network (the status page shows every tenant's s
 
 Nothing here runs on the request path. Budget gauges and the status page read the ledger through
 a separate read connection on a worker thread (embedded authority) or ask the remote authority
-for the balances of the tenants this replica knows, when they are scraped or viewed.
+for the balances of the tenants this replica knows (seen, configured, or holding a proxy key),
+when they are scraped or viewed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from cycles_proxy.authority.base import (
     Subject,
 )
 from cycles_proxy.lifecycle import Proxy
-from cycles_proxy.metrics import NONE, OTHER, ProxyMetrics, scope_tenant
+from cycles_proxy.metrics import MAX_TENANTS, NONE, OTHER, ProxyMetrics, scope_tenant
 from cycles_proxy.money import format_amount
 from cycles_proxy.settings import FailurePolicy, Settings
 
@@ -242,6 +243,21 @@ class Admin:
             names.add(self.settings.anonymous_tenant)
         return {n for n in names if n not in (OTHER, NONE)}
 
+    async def key_tenants(self) -> set[str]:
+        """Tenants holding a proxy key (not revoked), whether or not they sent a request yet."""
+        keys = getattr(self.proxy, "keys", None)
+        if keys is None:
+            return set()
+        infos = await asyncio.to_thread(keys.list)
+        return {k.tenant.lower() for k in infos if k.revoked_ms is None}
+
+    async def remote_tenants(self) -> list[str]:
+        """Whose balances to ask a remote authority for: the tenants this replica has seen or
+        is configured for, then those with keys, at most MAX_TENANTS (one call each)."""
+        known = sorted(self.known_tenants())
+        extra = sorted(await self.key_tenants() - set(known))
+        return (known + extra)[:MAX_TENANTS]
+
     async def budgets(self) -> list[BudgetRow]:
         """Every budget with its balance as of now."""
         if self.reader is not None:
@@ -258,7 +274,7 @@ class Admin:
                 log.debug("balances of tenant %s unavailable: %s", tenant, exc)
                 return []
 
-        for balances in await asyncio.gather(*(one(t) for t in sorted(self.known_tenants()))):
+        for balances in await asyncio.gather(*(one(t) for t in await self.remote_tenants())):
             for b in balances:
                 if (b.scope, str(b.unit)) not in seen:
                     seen.add((b.scope, str(b.unit)))
@@ -277,11 +293,7 @@ class Admin:
     async def status_page(self) -> StatusPage:
         now_ms = int(time.time() * 1000)
         rows = await self.budgets()
-        key_tenants: set[str] = set()
-        keys = getattr(self.proxy, "keys", None)
-        if keys is not None:
-            infos = await asyncio.to_thread(keys.list)
-            key_tenants = {k.tenant.lower() for k in infos}
+        key_tenants = await self.key_tenants()
         tenants: dict[str, TenantView] = {}
 
         def view(name: str) -> TenantView:

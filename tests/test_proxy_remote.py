@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import ollama
 import pytest
 
@@ -152,3 +153,30 @@ async def test_shadow_mode_never_blocks_but_records(
     reserves = [r for r in cycles.fake.requests if r.path == "/v1/reservations"]
     assert reserves and all(r.body.get("dry_run") is True for r in reserves)
     await eventually(lambda: [r for r in cycles.fake.requests if r.path == "/v1/events"])
+
+
+async def test_budget_gauges_and_status_cover_key_holders_before_their_first_request(
+    start_proxy: StartProxy, upstream: RunningFake, cycles: FakeCyclesServer
+) -> None:
+    """With a remote authority the proxy has no list of budgets; it asks for the balances of
+    the tenants it knows. A tenant that holds a proxy key is known from the key store, so its
+    budget is on the dashboard before it has sent anything (not only after)."""
+    from tests.test_operations import scrape
+
+    h = await start_proxy(
+        upstream.url,
+        cycles_base_url=cycles.url,
+        cycles_api_key=ACME_CYCLES_KEY,  # the default key; acme has none of its own
+        default_price_per_gpu_second=PRICE,
+        admin_port=0,
+    )
+    h.key("acme")
+    revoked = h.keys.create("beta")[1]
+    h.keys.revoke(revoked)  # a tenant whose only key is revoked is not asked for
+    m = await scrape(h)
+    assert m.total("cycles_proxy_budget_remaining", scope="tenant:acme") == 100 * PRICE
+    assert not [r for r in cycles.fake.requests if r.query.get("tenant") == "beta"]
+    assert h.running.admin_url is not None
+    async with aiohttp.ClientSession() as s, s.get(f"{h.running.admin_url}/status") as r:
+        page = await r.text()
+    assert "acme" in page and "$1.00" in page
