@@ -5,9 +5,13 @@ Keys never reach this module: records carry tenant names and key ids only.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -77,12 +81,64 @@ class Observer:
             _access.info(line)
 
 
+#: log lines waiting for the writer thread; past this the newest are dropped (and counted)
+LOG_QUEUE_MAX = 100_000
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Formats on the caller's thread, hands the line to the writer thread, never blocks: an
+    event loop blocked on a full stderr pipe (a slow log collector) would stall every stream."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord | None]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _LogWriter(threading.Thread):
+    """Writes queued lines to stderr; a daemon, so a stuck stderr cannot hold the exit."""
+
+    def __init__(self, source: _QueueHandler, target: logging.Handler) -> None:
+        super().__init__(name="cycles-proxy-log", daemon=True)
+        self.source, self.target, self.reported = source, target, 0
+        self.queue: queue.Queue[logging.LogRecord | None] = source.queue  # type: ignore[assignment]
+
+    def run(self) -> None:
+        while (record := self.queue.get()) is not None:
+            if self.source.dropped != self.reported:
+                n, self.reported = self.source.dropped - self.reported, self.source.dropped
+                self.target.handle(
+                    logging.makeLogRecord(
+                        {"msg": f"{n} log lines dropped: stderr did not keep up", "levelno": 30}
+                    )
+                )
+            self.target.handle(record)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds), then stop."""
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self.join(timeout)
+
+
 def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger("cycles_proxy")
     if root.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    handler = _QueueHandler(queue.Queue(LOG_QUEUE_MAX))
     handler.setFormatter(logging.Formatter("%(message)s"))
+    writer = _LogWriter(handler, stderr)
+    writer.start()
+    atexit.register(writer.close)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
+import queue
 import signal
 import socket
 import sqlite3
@@ -28,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from cycles_proxy.app import PROXY_KEY, start
 from cycles_proxy.authority.base import OveragePolicy
 from cycles_proxy.authority.embedded import EmbeddedAuthority, Ledger
-from cycles_proxy.observability import RequestRecord
+from cycles_proxy.observability import RequestRecord, _LogWriter, _QueueHandler
 from cycles_proxy.settings import FailurePolicy, Settings
 from cycles_proxy.tenants import KeyStore
 from tests.chaos import (
@@ -927,6 +930,59 @@ async def test_sigterm_drains_then_exits_cleanly_with_everything_settled(
     assert "shutting down" in log and "Traceback" not in log
     books = audit(db)
     assert books.statuses() == {"COMMITTED": 2}
+
+
+async def test_a_stderr_nobody_reads_does_not_stall_requests(
+    tmp_path: Path, fake: RunningFake
+) -> None:
+    """The access log goes to stderr. When whatever reads stderr falls behind (a slow log
+    collector; here: nobody reads the pipe), the pipe fills and a write on the event loop would
+    block every request; log lines are written from their own thread instead."""
+    db = tmp_path / "ledger.db"
+    key = KeyStore(db).create("acme")[0]
+    Ledger(db).set_budget("tenant:acme", Settings().unit, BIG)
+    port = free_port()
+    proc = await spawn_proxy(db, fake.url, port, CYCLES_PROXY_ACCESS_LOG="true")
+    n = 400  # ~150 KiB of access log: more than a pipe holds (64 KiB on Linux)
+    async with aiohttp.ClientSession() as s:
+
+        async def one(i: int) -> int:
+            async with s.post(
+                f"http://127.0.0.1:{port}/api/generate",
+                json={"model": "llama3.2", "prompt": f"p{i}", "stream": False},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as r:
+                return r.status
+
+        async with asyncio.timeout(60):
+            for batch in range(0, n, 10):  # within the per-tenant in-flight limit (16)
+                statuses = await asyncio.gather(*(one(i) for i in range(batch, batch + 10)))
+                assert set(statuses) == {200}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        _, log = await proc.communicate()
+    lines = [json.loads(x) for x in log.decode().splitlines() if x.startswith("{")]
+    assert len([x for x in lines if x.get("path") == "/api/generate"]) == n  # none lost
+    assert proc.returncode == 0
+
+
+def test_log_lines_past_the_queue_are_dropped_counted_and_reported() -> None:
+    """Rather than block the event loop, lines past the queue's bound are dropped; the writer
+    says how many with the next line it writes."""
+    h = _QueueHandler(queue.Queue(2))
+    for i in range(5):
+        h.handle(logging.makeLogRecord({"msg": f"line {i}"}))
+    assert h.dropped == 3
+    out = io.StringIO()
+    writer = _LogWriter(h, logging.StreamHandler(out))
+    writer.start()
+    writer.close()
+    assert out.getvalue().splitlines() == [
+        "3 log lines dropped: stderr did not keep up",
+        "line 0",
+        "line 1",
+    ]
 
 
 async def test_kill_9_mid_stream_then_restart_sweeps_and_balances_are_exact(
