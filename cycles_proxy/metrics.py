@@ -20,8 +20,8 @@ Units are base units: seconds, tokens, and budget amounts in the ledger's own in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -50,6 +50,8 @@ from cycles_proxy.authority.base import (
 )
 from cycles_proxy.observability import RequestRecord
 from cycles_proxy.settings import Settings
+
+T = TypeVar("T")
 
 OTHER = "other"
 NONE = "none"
@@ -450,19 +452,23 @@ class InstrumentedAuthority:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def reserve(self, req: ReserveRequest) -> Reservation:
+    async def _call(self, op: str, call: Coroutine[Any, Any, T]) -> T:
+        """Await ``call`` (one authority operation), timing it and counting its failure."""
         t0 = time.perf_counter()
         try:
-            res = await self.inner.reserve(req)
+            res = await call
         except Exception as exc:
-            self._failed("reserve", exc)
+            self._failed(op, exc)
             raise
         finally:
-            self._timed("reserve", t0)
+            self._timed(op, t0)
         self._m.authority_up.set(1)
         return res
 
-    async def commit(
+    def reserve(self, req: ReserveRequest) -> Coroutine[Any, Any, Reservation]:
+        return self._call("reserve", self.inner.reserve(req))
+
+    def commit(
         self,
         reservation_id: str,
         *,
@@ -470,57 +476,37 @@ class InstrumentedAuthority:
         actual: Amount,
         metrics: Metrics | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> CommitResult:
-        t0 = time.perf_counter()
-        try:
-            res = await self.inner.commit(
+    ) -> Coroutine[Any, Any, CommitResult]:
+        return self._call(
+            "commit",
+            self.inner.commit(
                 reservation_id,
                 idempotency_key=idempotency_key,
                 actual=actual,
                 metrics=metrics,
                 metadata=metadata,
-            )
-        except Exception as exc:
-            self._failed("commit", exc)
-            raise
-        finally:
-            self._timed("commit", t0)
-        self._m.authority_up.set(1)
-        return res
+            ),
+        )
 
-    async def release(
+    def release(
         self, reservation_id: str, *, idempotency_key: str, reason: str | None = None
-    ) -> ReleaseResult:
-        t0 = time.perf_counter()
-        try:
-            res = await self.inner.release(
-                reservation_id, idempotency_key=idempotency_key, reason=reason
-            )
-        except Exception as exc:
-            self._failed("release", exc)
-            raise
-        finally:
-            self._timed("release", t0)
-        self._m.authority_up.set(1)
-        return res
+    ) -> Coroutine[Any, Any, ReleaseResult]:
+        return self._call(
+            "release",
+            self.inner.release(reservation_id, idempotency_key=idempotency_key, reason=reason),
+        )
 
-    async def extend(
+    def extend(
         self, reservation_id: str, *, idempotency_key: str, extend_by_ms: int
-    ) -> ExtendResult:
-        t0 = time.perf_counter()
-        try:
-            res = await self.inner.extend(
+    ) -> Coroutine[Any, Any, ExtendResult]:
+        return self._call(
+            "extend",
+            self.inner.extend(
                 reservation_id, idempotency_key=idempotency_key, extend_by_ms=extend_by_ms
-            )
-        except Exception as exc:
-            self._failed("extend", exc)
-            raise
-        finally:
-            self._timed("extend", t0)
-        self._m.authority_up.set(1)
-        return res
+            ),
+        )
 
-    async def event(
+    def event(
         self,
         *,
         idempotency_key: str,
@@ -530,10 +516,10 @@ class InstrumentedAuthority:
         overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE,
         metrics: Metrics | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> EventResult:
-        t0 = time.perf_counter()
-        try:
-            res = await self.inner.event(
+    ) -> Coroutine[Any, Any, EventResult]:
+        return self._call(
+            "event",
+            self.inner.event(
                 idempotency_key=idempotency_key,
                 subject=subject,
                 action=action,
@@ -541,26 +527,11 @@ class InstrumentedAuthority:
                 overage_policy=overage_policy,
                 metrics=metrics,
                 metadata=metadata,
-            )
-        except Exception as exc:
-            self._failed("event", exc)
-            raise
-        finally:
-            self._timed("event", t0)
-        self._m.authority_up.set(1)
-        return res
+            ),
+        )
 
-    async def balances(self, subject: Subject) -> list[Balance]:
-        t0 = time.perf_counter()
-        try:
-            res = await self.inner.balances(subject)
-        except Exception as exc:
-            self._failed("balances", exc)
-            raise
-        finally:
-            self._timed("balances", t0)
-        self._m.authority_up.set(1)
-        return res
+    def balances(self, subject: Subject) -> Coroutine[Any, Any, list[Balance]]:
+        return self._call("balances", self.inner.balances(subject))
 
 
 _SUFFIXES = {

@@ -1226,12 +1226,27 @@ class RemoteAuthority:
     async def _commit_as_event(
         self, reservation_id: str, ev_body: dict[str, Any], api_key: str, tenant: str | None
     ) -> CommitResult:
+        d = await self._post_event(ev_body, api_key, tenant, reservation_id=reservation_id)
+        self._forget(reservation_id)
+        charged = _opt_amount(d.get("charged")) or _amount(ev_body["actual"])
+        return CommitResult(charged=charged, balances=_balances(d.get("balances")))
+
+    async def _post_event(
+        self,
+        body: dict[str, Any],
+        api_key: str,
+        tenant: str | None,
+        *,
+        reservation_id: str | None = None,
+    ) -> dict[str, Any]:
+        """POST an event; spend it could not deliver (server down, or over its limit) goes to
+        the journal and the journal's error is raised."""
         try:
             reply = await self._request(
                 "POST",
                 EVENTS_ENDPOINT,
                 api_key=api_key,
-                body=ev_body,
+                body=body,
                 ok=_OK_EVENT,
                 check=_check_event,
                 deadline_s=self._s.settle_deadline_s,
@@ -1243,15 +1258,12 @@ class RemoteAuthority:
         except AuthorityUnavailable as exc:
             cause = exc
         else:
-            self._forget(reservation_id)
-            d = reply.data
-            charged = _opt_amount(d.get("charged")) or _amount(ev_body["actual"])
-            return CommitResult(charged=charged, balances=_balances(d.get("balances")))
+            return reply.data
         raise await self._journal(
             mode="event",
             endpoint=EVENTS_ENDPOINT,
-            body=ev_body,
-            idempotency_key=ev_body["idempotency_key"],
+            body=body,
+            idempotency_key=body["idempotency_key"],
             reservation_id=reservation_id,
             api_key=api_key,
             tenant=tenant,
@@ -1326,40 +1338,12 @@ class RemoteAuthority:
             body["metrics"] = m
         if metadata:
             body["metadata"] = metadata
-        try:
-            reply = await self._request(
-                "POST",
-                EVENTS_ENDPOINT,
-                api_key=api_key,
-                body=body,
-                ok=_OK_EVENT,
-                check=_check_event,
-                deadline_s=self._s.settle_deadline_s,
-            )
-        except CyclesError as exc:
-            if exc.code is not ErrorCode.LIMIT_EXCEEDED:
-                raise
-            cause: BaseException = exc
-        except AuthorityUnavailable as exc:
-            cause = exc
-        else:
-            d = reply.data
-            return EventResult(
-                event_id=d["event_id"],
-                charged=_opt_amount(d.get("charged")),
-                balances=_balances(d.get("balances")),
-            )
-        raise await self._journal(
-            mode="event",
-            endpoint=EVENTS_ENDPOINT,
-            body=body,
-            idempotency_key=idempotency_key,
-            reservation_id=None,
-            api_key=api_key,
-            tenant=subject.tenant,
-            fallback_body=None,
-            cause=cause,
-        ) from cause
+        d = await self._post_event(body, api_key, subject.tenant)
+        return EventResult(
+            event_id=d["event_id"],
+            charged=_opt_amount(d.get("charged")),
+            balances=_balances(d.get("balances")),
+        )
 
     async def balances(self, subject: Subject) -> list[Balance]:
         s = self._s
