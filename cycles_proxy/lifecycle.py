@@ -31,6 +31,7 @@ from cycles_proxy.authority.base import (
     Metrics,
     Reservation,
     ReserveRequest,
+    SettlementDeferred,
     once_key,
 )
 from cycles_proxy.dialects import ollama as ollama_dialect
@@ -831,9 +832,7 @@ class Proxy:
                 log.error("commit of %s failed: %s", reservation.reservation_id, exc)
         except AuthorityUnavailable as exc:
             # the remote authority journals undeliverable commits and replays them itself
-            rec.settlement = (
-                "journaled" if type(exc).__name__ == "SettlementDeferred" else "deferred"
-            )
+            rec.settlement = "journaled" if isinstance(exc, SettlementDeferred) else "deferred"
             log.error("commit of %s deferred: %s", reservation.reservation_id, exc)
 
     async def _release(self, reservation: Reservation, reason: str, rec: RequestRecord) -> None:

@@ -134,6 +134,15 @@ class AuthorityUnavailable(Exception):
     """
 
 
+class SettlementDeferred(AuthorityUnavailable):
+    """A commit/event could not be delivered now; it is durably journaled and will be replayed
+    with its original idempotency key (so the caller must NOT settle it another way)."""
+
+    def __init__(self, message: str, *, record_id: str) -> None:
+        super().__init__(message)
+        self.record_id = record_id
+
+
 @dataclass(frozen=True, slots=True)
 class Subject:
     tenant: str

@@ -63,6 +63,7 @@ from .base import (
     ReleaseResult,
     Reservation,
     ReserveRequest,
+    SettlementDeferred,
     Subject,
     Unit,
 )
@@ -103,15 +104,6 @@ _OK_200 = frozenset({200})
 _OK_EVENT = frozenset({200, 201})
 _DECISIONS = frozenset(d.value for d in Decision)
 _UNITS = frozenset(u.value for u in Unit)
-
-
-class SettlementDeferred(AuthorityUnavailable):
-    """A commit/event could not be delivered now; it is durably journaled and will be replayed
-    with its original idempotency key (so the caller must NOT settle it another way)."""
-
-    def __init__(self, message: str, *, record_id: str) -> None:
-        super().__init__(message)
-        self.record_id = record_id
 
 
 class HeartbeatStop:
