@@ -867,6 +867,9 @@ class Proxy:
             rec.settlement = "evented"
             if result.charged is not None:
                 rec.charged = result.charged.amount
+        except SettlementDeferred as exc:  # in the journal: delivered when the authority is back
+            rec.settlement = "journaled"
+            log.warning("spend of tenant %s journaled: %s", tenant.name, exc)
         except (CyclesError, AuthorityUnavailable) as exc:
             rec.settlement = f"unsettled: {exc}"
             log.error(

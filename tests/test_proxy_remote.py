@@ -11,6 +11,7 @@ import ollama
 import pytest
 
 from cycles_proxy.authority.base import Unit
+from cycles_proxy.observability import RequestRecord
 from tests.conftest import Harness, StartProxy, eventually
 from tests.fakes.fake_cycles import FakeCycles, FakeCyclesServer
 from tests.fakes.fake_ollama import RunningFake, serve_fake_ollama
@@ -125,9 +126,12 @@ async def test_fail_open_runs_and_settles_when_the_authority_is_back(
         journal_dir=tmp_path / "journal",
     )
     key = h.key("acme")
+    seen: list[RequestRecord] = []
+    h.proxy.observer.listeners.append(seen.append)
     await cycles.down()
     res = await client(h, key).generate(model="llama3.2", prompt="hi", options={"num_predict": 3})
     assert res.done  # the request ran although nobody could reserve it
+    assert seen[0].settlement == "journaled"  # the access log says where the spend is
     authority = h.proxy.authority
     assert authority.pending() == 1  # type: ignore[attr-defined]
     await cycles.up()
