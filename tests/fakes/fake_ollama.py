@@ -1000,6 +1000,12 @@ _REC_KEY: Final = web.RequestKey("fake_ollama.record", RecordedRequest)
 _OPTS_KEY: Final = web.RequestKey("fake_ollama.options", FakeOptions)
 
 
+def _asks_for_usage(body: dict[str, Any]) -> bool:
+    """``stream_options.include_usage`` is true (OpenAI streams then end with a usage chunk)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 class _Call:
     """State of one request being handled: its response, timing origin and disconnect watchdog."""
 
@@ -1687,12 +1693,7 @@ class FakeOllama:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         n, limited = _token_budget(limit, call.opts.default_num_predict)
         stream = body.get("stream") is True
-        stream_options = body.get("stream_options")
-        include_usage = (
-            stream
-            and isinstance(stream_options, dict)
-            and stream_options.get("include_usage") is True
-        )
+        include_usage = stream and _asks_for_usage(body)
         job = _Job(
             kind="chat",
             model=model,
@@ -1720,12 +1721,7 @@ class FakeOllama:
             return model
         n, limited = _token_budget(body.get("max_tokens"), call.opts.default_num_predict)
         stream = body.get("stream") is True
-        stream_options = body.get("stream_options")
-        include_usage = (
-            stream
-            and isinstance(stream_options, dict)
-            and stream_options.get("include_usage") is True
-        )
+        include_usage = stream and _asks_for_usage(body)
         job = _Job(
             kind="generate",
             model=model,
